@@ -1,0 +1,134 @@
+"""Shared pieces of the distillation benchmarks: one outer iteration on a given shape, measured.
+
+Each configuration runs in a fresh subprocess (``--worker``) so that peak RSS belongs to that
+configuration alone. Data are random tensors of the right shape: speed and memory do not depend
+on pixel values, and the benchmark then needs no data set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mttlite.augment import DSA_STRATEGY  # noqa: E402
+from mttlite.meta_gradient import meta_gradient  # noqa: E402
+from mttlite.networks import get_network  # noqa: E402
+from mttlite.params import ParamSpec  # noqa: E402
+from mttlite.student import make_plan  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def conv_flops_per_image(net, shape) -> float:
+    """Forward multiply-adds ×2 of the conv and linear layers for one image (the dominant cost)."""
+    flops = 0
+    hooks = []
+
+    def hook(m, inp, out):
+        nonlocal flops
+        if isinstance(m, torch.nn.Conv2d):
+            flops += 2 * out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+        elif isinstance(m, torch.nn.Linear):
+            flops += 2 * m.in_features * m.out_features
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        net(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return flops
+
+
+def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=10, width=128, iters=3,
+               device="cpu", strategy=DSA_STRATEGY, seed=0) -> dict:
+    """Median seconds of ``iters`` outer iterations (after one warm-up) and peak memory."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    net = get_network("convnet", channel, num_classes, (im, im), width=width).to(dev)
+    spec = ParamSpec.from_module(net)
+    g = torch.Generator().manual_seed(seed)
+    n = ipc * num_classes
+    x = torch.randn(n, channel, im, im, generator=g).to(dev)
+    y = torch.arange(num_classes).repeat_interleave(ipc).to(dev)
+    theta = spec.flatten(dict(net.named_parameters())).detach()
+    target = theta + 0.01 * torch.randn(theta.shape, generator=g).to(dev)
+    alpha = torch.tensor(0.01, device=dev)
+    base_rss = peak_rss_mib()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated() / 2**20
+    times = []
+    for i in range(iters + 1):
+        plan = make_plan(n, syn_steps, None, g)
+        t0 = time.perf_counter()
+        mg = meta_gradient(mode, net, spec, theta, target, x, y, alpha, plan, strategy)
+        mg.images.sum().item()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:  # the first iteration warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    flops = conv_flops_per_image(net.cpu(), (channel, im, im))
+    # exact: fwd+bwd (forward pass) + fwd+bwd+double-bwd (backward pass) per step; unroll: fwd+bwd+double-bwd.
+    # Counted as multiples of one forward: fwd 1, bwd 2, double backward ~ 4 (a backward of a backward).
+    units = {"exact": 3 + 7, "unroll": 7}[mode]
+    work = flops * n * syn_steps * units
+    out = {
+        "mode": mode, "syn_steps": syn_steps, "shape": [channel, im, im], "ipc": ipc, "n_syn": n, "width": width,
+        "device": str(dev), "sec_per_iter": statistics.median(times), "times": times,
+        "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base_rss, "est_gflops": work / statistics.median(times) / 1e9,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    if dev.type == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["base_cuda_mib"] = base_cuda
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def run_worker_from_argv() -> None:
+    cfg = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    print(json.dumps(one_config(**cfg)))
+
+
+def spawn(script: str, cfg: dict, timeout: float = 3600) -> dict:
+    """Run one configuration in a fresh interpreter; returns its JSON result (or the error)."""
+    r = subprocess.run([sys.executable, script, "--worker", json.dumps(cfg)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if r.returncode != 0:
+        return {**cfg, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
+
+
+def save(rows: list[dict], name: str) -> Path:
+    out = ROOT / "runs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=2))
+    return path

@@ -1,0 +1,201 @@
+"""Command line: ``python -m mttlite {experts,distill,evaluate,export,presets,demo}``.
+
+    mttlite experts  --dataset fashion-mnist --out buffers/fmnist --num-experts 10 --train-epochs 50
+    mttlite distill  --buffer buffers/fmnist --preset fashion-mnist-ipc10 --out runs/fmnist10
+    mttlite evaluate runs/fmnist10/synset.safetensors --epochs 1000 --num-nets 5 --random-real
+    mttlite export   runs/fmnist10/synset.safetensors --png grid.png --imagefolder runs/fmnist10/images
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields, replace
+
+SYMBOLS = {
+    "ipc": "images per class in the synthetic set D_syn",
+    "syn_steps": "N: SGD steps the student takes on D_syn per iteration (more = longer-range matching, more compute)",
+    "expert_epochs": "M: expert epochs the N student steps must cover (the target is θ*_{t+M})",
+    "max_start_epoch": "T+: the start epoch t is drawn from 0 … T+−1 (the authors raise T+ until unstable)",
+    "iterations": "outer iterations of learning D_syn and α (paper: 5000)",
+    "lr_img": "learning rate of the pixels (SGD, momentum 0.5)",
+    "lr_lr": "learning rate of α, the student's learnable learning rate (SGD, momentum 0.5)",
+    "lr_teacher": "α0: initial α, normally the experts' learning rate",
+    "batch_syn": "synthetic images per student step (default: all)",
+    "momentum": "momentum of the pixel and α optimisers",
+    "zca": "use ZCA-whitened data (must match how the experts were trained)",
+    "dsa_strategy": "DSA augmentation ops joined by '_' (default: the data set's; '' for none)",
+    "pix_init": "initial pixels: 'real' (random real images of each class) or 'noise'",
+    "gradient": "'exact' (adjoint: the paper's gradient, memory flat in N) or 'unroll' (naive, memory grows with N)",
+    "alpha_param": "'linear' (paper; α may go negative and is then stopped) or 'log' (α = exp(a) > 0)",
+    "seed": "random seed (same seed, same CPU result)",
+    "checkpoint_every": "write a resumable checkpoint every this many iterations",
+    "dataset": "data set name (see `mttlite presets` for names)",
+}
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _opt_int(s: str):
+    return None if s.lower() in ("none", "all") else int(s)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from .distill import DistillConfig
+
+    g = p.add_argument_group("distillation settings (override the preset; paper symbols in brackets)")
+    for f in fields(DistillConfig):
+        typ = {"int": int, "float": float, "bool": _bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        if f.name == "batch_syn":
+            typ = _opt_int
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=SYMBOLS.get(f.name, ""))
+
+
+def _config_from(args):
+    from .distill import DistillConfig, preset
+
+    base = preset(args.preset) if args.preset else DistillConfig()
+    over = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if getattr(args, f.name) is not None}
+    return replace(base, **over).validate()
+
+
+def cmd_experts(args):
+    from .data import load_dataset
+    from .experts import train_experts
+
+    ds = load_dataset(args.dataset, root=args.data_root, device=args.device, zca=args.zca, download=args.download)
+    buf = train_experts(ds, args.out, num_experts=args.num_experts, train_epochs=args.train_epochs, arch=args.arch,
+                        width=args.width, depth=args.depth, lr_teacher=args.lr_teacher, batch_real=args.batch_real,
+                        seed=args.seed, dtype=args.dtype, keep_epochs=args.keep_epochs, parallel=args.parallel,
+                        device=args.device)
+    print(f"{buf}\n{buf.bytes_per_expert() / 2**20:.2f} MiB per expert")
+
+
+def cmd_distill(args):
+    from .pipeline import distill_set
+
+    config = _config_from(args)
+    print("config:", config.to_dict())
+    s = distill_set(config, args.buffer, args.out, data_root=args.data_root, device=args.device, resume=not args.restart)
+    s.save_png_grid(f"{args.out}/synset.png")
+    print(f"saved {args.out}/synset.safetensors ({len(s.labels)} images, learned α = {s.syn_lr:.5g}) and {args.out}/synset.png")
+
+
+def cmd_evaluate(args):
+    from .data import load_dataset
+    from .evaluate import EvalProtocol, evaluate_random_real
+    from .synset import SyntheticSet
+
+    s = SyntheticSet.load(args.set, device=args.device)
+    ds = load_dataset(s.dataset, root=args.data_root, device=args.device, zca=s.zca is not None, download=args.download)
+    kw = dict(arch=args.arch or s.arch, epochs=args.epochs, num_nets=args.num_nets, seed=args.seed, lr=args.lr)
+    if kw["arch"] == s.arch:
+        kw.update({k: v for k, v in s.arch_kwargs.items() if k in ("width", "depth", "norm")})
+    protocol = EvalProtocol(**kw)
+    print("protocol:", protocol.describe())
+    print(s.evaluate(ds, protocol))
+    if args.random_real:
+        print("random real:", evaluate_random_real(ds, s.ipc, protocol, seed=args.seed))
+
+
+def cmd_export(args):
+    from .synset import SyntheticSet
+
+    s = SyntheticSet.load(args.set)
+    if args.png:
+        print("wrote", s.save_png_grid(args.png))
+    if args.imagefolder:
+        print("wrote", s.export_imagefolder(args.imagefolder))
+    if not (args.png or args.imagefolder):
+        raise SystemExit("nothing to do: give --png PATH and/or --imagefolder DIR")
+
+
+def cmd_presets(args):
+    from .data import DATASETS
+    from .distill import PRESETS
+
+    print("data sets:", ", ".join(DATASETS))
+    keys = ["dataset", "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_teacher", "batch_syn", "zca"]
+    print("| preset | " + " | ".join(keys) + " |")
+    for name, c in PRESETS.items():
+        print(f"| {name} | " + " | ".join(str(getattr(c, k)) for k in keys) + " |")
+
+
+def cmd_demo(args):
+    from .pipeline import run_demo
+
+    run_demo(args.out, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mttlite", description="Dataset distillation by Matching Training Trajectories.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+        sp.add_argument("--data-root", default="data", help="where data sets are looked for / downloaded")
+        return sp
+
+    e = common(sub.add_parser("experts", help="stage 1: train expert trajectories into a buffer"))
+    e.add_argument("--dataset", default="fashion-mnist-mini")
+    e.add_argument("--out", required=True, help="buffer directory (existing experts are kept; resumable)")
+    e.add_argument("--num-experts", type=int, default=10)
+    e.add_argument("--train-epochs", type=int, default=50, help="E: epochs per expert (paper: 50)")
+    e.add_argument("--arch", default="convnet")
+    e.add_argument("--width", type=int, default=128)
+    e.add_argument("--depth", type=int, default=None)
+    e.add_argument("--lr-teacher", type=float, default=0.01, help="experts' SGD learning rate (paper: 0.01)")
+    e.add_argument("--batch-real", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage precision")
+    e.add_argument("--keep-epochs", type=int, default=None, help="store only epochs 0…K (distillation needs T+ + M)")
+    e.add_argument("--parallel", type=int, default=1, help="train K experts at once with torch.func.vmap")
+    e.add_argument("--zca", action="store_true")
+    e.add_argument("--download", action="store_true")
+    e.set_defaults(func=cmd_experts)
+
+    d = common(sub.add_parser("distill", help="stages 2–4: learn the synthetic images and α"))
+    d.add_argument("--buffer", required=True, help="expert buffer directory (from `mttlite experts`)")
+    d.add_argument("--out", required=True, help="run directory: checkpoint, synset.safetensors, synset.png")
+    d.add_argument("--preset", default=None, help="start from a preset (see `mttlite presets`)")
+    d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    _add_config_args(d)
+    d.set_defaults(func=cmd_distill)
+
+    v = common(sub.add_parser("evaluate", help="train fresh networks on a set and report test accuracy"))
+    v.add_argument("set", help="a synset.safetensors file")
+    v.add_argument("--arch", default=None, help="evaluation architecture (default: the distillation's)")
+    v.add_argument("--epochs", type=int, default=300, help="training epochs per network (papers: 1000 with DSA)")
+    v.add_argument("--num-nets", type=int, default=5)
+    v.add_argument("--lr", type=float, default=None, help="default: the learned α (0.01 for sets without one)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--random-real", action="store_true", help="also evaluate random real images of the same size")
+    v.add_argument("--download", action="store_true")
+    v.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="write a synthetic set as a PNG grid and/or an ImageFolder tree")
+    x.add_argument("set")
+    x.add_argument("--png", default=None)
+    x.add_argument("--imagefolder", default=None)
+    x.set_defaults(func=cmd_export)
+
+    sub.add_parser("presets", help="list the presets and data sets").set_defaults(func=cmd_presets)
+    m = common(sub.add_parser("demo", help="experts → distil → evaluate on the embedded Fashion-MNIST (minutes on CPU)"))
+    m.add_argument("--out", default="runs/demo")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mttlite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

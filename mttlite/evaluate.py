@@ -1,0 +1,445 @@
+"""The evaluation protocol: how every accuracy in the dataset-distillation literature is produced.
+
+A distilled set D_syn is judged by what it teaches a network that has never seen the real data.
+DC, DSA, DM and MTT (and DC-Bench, which fixed it as a benchmark) all use the same recipe:
+
+    for each of k = ``num_nets`` fresh, randomly initialised networks:
+        train on D_syn only, for E = ``epochs`` epochs of mini-batch SGD
+            v ← μ v + (∇ℓ(A(x_B); θ) + λ θ)            μ = momentum 0.9, λ = weight decay 5e-4
+            θ ← θ − η_e v                               batch |B| = 256
+            η_e = η for e < E/2,  0.1 η afterwards     η = learned α (MTT) or 0.01 (DC/DSA/DM)
+        acc_i = accuracy of the final θ on the real test set
+    report  mean_i acc_i ± std_i acc_i
+
+A is DSA augmentation (a fresh random transform on every mini-batch); the papers train for
+1000 epochs with DSA and 300 without. Everything that changes the number is a field of
+:class:`EvalProtocol`, which is printed and saved beside every result.
+
+Honest reporting. The papers report the *best* evaluation point seen during distillation, i.e.
+a checkpoint chosen on the test set. This module always reports the *final-epoch* test accuracy
+of each network, and says so. To choose a distillation checkpoint without touching the test
+set, set ``val_fraction > 0``: a fixed, class-balanced slice of the *training* set is then
+scored as well (``EvalResult.val_accs``).
+
+Networks with batch norm (ResNet-18, VGG-11 with ``norm="batchnorm"``) are trained in train
+mode and tested in eval mode (running statistics). Every random choice (initialisation, batch
+order, augmentation) comes from one ``torch.Generator`` per network, so a protocol seed gives
+the same numbers on every CPU run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .augment import dsa, default_strategy, parse_strategy
+from .io import atomic_write
+from .networks import ARCHS, get_network
+from .student import cross_entropy
+
+#: DC/DSA/DM's evaluation learning rate, used when the set carries no learned α.
+DEFAULT_LR = 0.01
+#: The learning rate is multiplied by this once, at epoch E // 2.
+LR_DECAY = 0.1
+#: Seed of the validation split: fixed, so every evaluation of every checkpoint scores the same images.
+VAL_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The declared protocol and its result
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalProtocol:
+    """Everything that determines an evaluation number. Defaults: METHOD.md "Evaluation protocol".
+
+    arch, width, depth, norm: the evaluation network (``networks.get_network``; None = its default)
+    epochs:        E; the papers use 1000 with DSA (300 without)
+    lr:            η; None -> the set's learned α (MTT), or 0.01 if it has none
+    momentum, weight_decay, batch_size: SGD's μ, λ and |B|
+    dsa_strategy:  None -> the dataset's default DSA strategy; "" -> no augmentation
+    num_nets:      k, networks trained (mean ± std over them)
+    val_fraction:  share of each training class scored as a validation split (0 = none)
+    seed:          seeds every network's generator (network i's seed is drawn from it)
+    """
+
+    arch: str = "convnet"
+    width: int = 128
+    depth: int | None = None
+    norm: str | None = None
+    epochs: int = 300
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa_strategy: str | None = None
+    num_nets: int = 5
+    val_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown evaluation arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("num_nets", 1), ("width", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EvalProtocol.{name} must be an integer >= {low}, got {value!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"EvalProtocol.lr must be a positive number or None (use the set's α), got {self.lr!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"EvalProtocol.momentum must be in [0, 1), got {self.momentum!r}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"EvalProtocol.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"EvalProtocol.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        parse_strategy(self.dsa_strategy)  # raises a ValueError listing the valid DSA ops
+
+    @property
+    def decay_epoch(self) -> int:
+        """The epoch from which η is multiplied by 0.1: E // 2 (never 0, so E = 1 trains at η)."""
+        return max(1, self.epochs // 2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line a reader can reproduce the number from."""
+        net = ", ".join(
+            f"{f.name}={getattr(self, f.name)}" for f in fields(self)[1:4] if getattr(self, f.name) is not None
+        )
+        lr = "learned α (0.01 if none)" if self.lr is None else f"{self.lr:g}"
+        aug = {None: "dataset default", "": "none"}.get(self.dsa_strategy, self.dsa_strategy)
+        val = f", val split {self.val_fraction:g} of train" if self.val_fraction > 0 else ""
+        return (
+            f"{self.arch}({net}) | SGD lr {lr}, momentum {self.momentum:g}, weight decay {self.weight_decay:g}, "
+            f"batch {self.batch_size} | {self.epochs} epochs, lr x{LR_DECAY:g} at epoch {self.decay_epoch} | "
+            f"DSA {aug} | final-epoch test accuracy, mean +- std over {self.num_nets} nets, seed {self.seed}{val}"
+        )
+
+
+@dataclass
+class EvalResult:
+    """Final-epoch accuracies (fractions in [0, 1]) of ``len(accs)`` networks and their summary.
+
+    std is the population standard deviation (``np.std``, as the authors' code reports it).
+    """
+
+    accs: list[float]  # final test accuracy of each network (not the best on test)
+    mean: float
+    std: float
+    val_accs: list[float] | None  # accuracy on the validation split, if val_fraction > 0
+    train_accs: list[float]  # accuracy on the (un-augmented) set trained on
+    protocol: dict
+    lr: float  # the η actually used
+    seconds: float
+    set_info: dict = field(default_factory=dict)  # what was evaluated: size, label kind, source
+
+    def __str__(self) -> str:
+        name = self.protocol.get("arch", "?")
+        text = (
+            f"{name}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % (final test acc, {len(self.accs)} nets, "
+            f"{self.protocol.get('epochs', '?')} epochs, lr {self.lr:.4g})"
+        )
+        if self.val_accs:
+            text += f"; val {100 * float(np.mean(self.val_accs)):.2f} +- {100 * float(np.std(self.val_accs)):.2f} %"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> Path:
+        """Write the result and its protocol as one JSON file (atomically)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving the protocol's "None = default" fields
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_lr(protocol: EvalProtocol, syn_lr: float | None) -> float:
+    """η: the protocol's explicit lr, else the set's learned α, else 0.01."""
+    if protocol.lr is not None:
+        return float(protocol.lr)
+    if syn_lr is None:
+        return DEFAULT_LR
+    syn_lr = float(syn_lr)
+    if not (math.isfinite(syn_lr) and syn_lr > 0):
+        raise ValueError(f"the set's learned lr α = {syn_lr} is not a positive number; pass EvalProtocol(lr=...)")
+    return syn_lr
+
+
+def resolve_strategy(protocol: EvalProtocol, dataset_name: str) -> str:
+    """The DSA strategy: the protocol's, or the dataset's default when None ("" = none)."""
+    return default_strategy(dataset_name) if protocol.dsa_strategy is None else protocol.dsa_strategy
+
+
+def _draw_int(gen: torch.Generator) -> int:
+    return int(torch.randint(2**31, (1,), generator=gen))
+
+
+def fresh_network(protocol: EvalProtocol, dataset, gen: torch.Generator) -> nn.Module:
+    """A randomly initialised evaluation network whose weights depend on ``gen`` only.
+
+    torch's default initialisers draw from the global RNG, so the network is built under
+    ``fork_rng`` seeded from ``gen``: the caller's global RNG state is left untouched.
+    """
+    init_seed = _draw_int(gen)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return get_network(
+            protocol.arch,
+            dataset.channel,
+            dataset.num_classes,
+            im_size=tuple(dataset.im_size),
+            width=protocol.width,
+            depth=protocol.depth,
+            norm=protocol.norm,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one network on a set, and scoring it
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_set(images: Tensor, labels: Tensor, dataset) -> None:
+    shape = (dataset.channel, *dataset.im_size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != shape:
+        raise ValueError(f"images must have shape (n, {', '.join(map(str, shape))}) for {dataset.name}; got {tuple(images.shape)}")
+    n, k = images.shape[0], dataset.num_classes
+    if n == 0:
+        raise ValueError("cannot evaluate an empty set")
+    if labels.is_floating_point():
+        if tuple(labels.shape) != (n, k):
+            raise ValueError(f"soft labels must have shape (n, K) = ({n}, {k}); got {tuple(labels.shape)}")
+    elif labels.dtype == torch.int64:
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"hard labels must have shape (n,) = ({n},); got {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= k:
+            raise ValueError(f"hard labels must lie in [0, {k}); got [{int(labels.min())}, {int(labels.max())}]")
+    else:
+        raise ValueError(f"labels must be int64 class indices (n,) or float soft labels (n, K); got dtype {labels.dtype}")
+
+
+def hard_labels(labels: Tensor) -> Tensor:
+    """(n,) class indices; soft labels (n, K) -> their argmax class."""
+    return labels.argmax(1) if labels.is_floating_point() else labels
+
+
+def train_on_set(
+    images: Tensor,
+    labels: Tensor,
+    dataset,
+    protocol: EvalProtocol,
+    lr: float,
+    seed: int,
+    device=None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Train one fresh network on (images, labels) only, as the protocol says.
+
+    images: (n, C, H, W) in the space the networks see; labels: (n,) int64 or (n, K) soft.
+    Soft labels use ℓ = −mean_b Σ_k p_bk log softmax(f(x_b))_k.
+    Randomness (init, then per epoch a permutation of the n images and one DSA seed per batch)
+    comes from ``torch.Generator().manual_seed(seed)``.
+
+    Returns the trained network (eval mode) and ``info``: lr_per_epoch, loss_per_epoch (mean
+    training loss on the augmented batches), train_acc (un-augmented set), dsa_strategy, seed, seconds.
+    """
+    t0 = time.perf_counter()
+    _check_set(images, labels, dataset)
+    device = torch.device(device) if device is not None else images.device
+    x, y = images.detach().to(device), labels.detach().to(device)
+    n = x.shape[0]
+    strategy = resolve_strategy(protocol, dataset.name)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    model = fresh_network(protocol, dataset, gen).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
+
+    lr_per_epoch, loss_per_epoch = [], []
+    epochs = tqdm(range(protocol.epochs), desc="epochs", leave=False, disable=not progress)
+    for epoch in epochs:
+        # η_e = η before E // 2, 0.1 η from then on (the only schedule change)
+        lr_e = lr * (LR_DECAY if epoch >= protocol.decay_epoch else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_e
+        model.train()
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(protocol.batch_size):
+            idx = idx.to(device)
+            xb = x[idx]  # (B, C, H, W)
+            if strategy:
+                xb = dsa(xb, strategy, seed=_draw_int(gen))  # A_ω(x_B), a fresh ω per batch
+            loss = cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()  # v ← μ v + (g + λ θ);  θ ← θ − η_e v
+            total += loss.item() * idx.numel()
+        lr_per_epoch.append(lr_e)
+        loss_per_epoch.append(total / n)
+        if progress:
+            epochs.set_postfix(loss=f"{total / n:.3f}")
+
+    model.eval()
+    info = {
+        "seed": int(seed),
+        "lr_per_epoch": lr_per_epoch,
+        "loss_per_epoch": loss_per_epoch,
+        "train_acc": test_accuracy(model, x, hard_labels(y)),
+        "dsa_strategy": strategy,
+        "seconds": time.perf_counter() - t0,
+    }
+    return model, info
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tensor:
+    """argmax_k f(x)_k for every image, in eval mode (batch norm uses running statistics). -> (n,) int64."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        preds = [model(xb.to(device)).argmax(1).cpu() for xb in images.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
+def test_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1024) -> float:
+    """Fraction of ``images`` (n, C, H, W) whose predicted class equals ``labels`` (n,)."""
+    if images.shape[0] == 0:
+        raise ValueError("test_accuracy needs at least one image")
+    correct = (predict(model, images, batch_size) == labels.cpu()).sum().item()
+    return correct / images.shape[0]
+
+
+def confusion_matrix(model: nn.Module, images: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(K, K) int64 counts; entry [i, j] = test images of true class i predicted as class j."""
+    pred, true = predict(model, images), labels.cpu()
+    return torch.bincount(true * num_classes + pred, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol: k networks, mean ± std
+# ---------------------------------------------------------------------------------------------
+
+
+def validation_indices(dataset, val_fraction: float, seed: int = VAL_SEED) -> Tensor:
+    """Indices into ``dataset.train_images`` of a class-balanced validation split.
+
+    From every class c, round(val_fraction · N_c) (at least 1) images chosen by a fixed seed;
+    sorted by class. Exclude them from distillation to keep the validation score unbiased.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    labels = dataset.train_labels.cpu()
+    out = []
+    for c in range(dataset.num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        take = max(1, round(val_fraction * idx.numel()))
+        out.append(idx[torch.randperm(idx.numel(), generator=gen)[:take]])
+    return torch.cat(out)
+
+
+def evaluate_set(
+    images: Tensor,
+    labels: Tensor,
+    dataset,
+    protocol: EvalProtocol = EvalProtocol(),
+    lr: float | None = None,
+    device=None,
+    progress: bool = True,
+) -> EvalResult:
+    """Train ``protocol.num_nets`` fresh networks on (images, labels) and score them on the real test set.
+
+    images: (n, C, H, W) in the dataset's (normalised, possibly ZCA) space; labels: (n,) or (n, K).
+    lr: the set's learned α (None for a set without one); ``protocol.lr`` overrides it.
+    """
+    t0 = time.perf_counter()
+    _check_set(images, labels, dataset)
+    eta = resolve_lr(protocol, lr)
+    if protocol.val_fraction > 0:
+        val_idx = validation_indices(dataset, protocol.val_fraction)
+        val = (dataset.train_images[val_idx], dataset.train_labels[val_idx])
+    else:
+        val = None
+    # network i trains with seed_i, the i-th draw of the protocol's generator (so k=3 and k=5 share 3 nets)
+    seeds = torch.randint(2**31, (protocol.num_nets,), generator=torch.Generator().manual_seed(protocol.seed)).tolist()
+
+    accs, val_accs, train_accs = [], [], []
+    nets = tqdm(seeds, desc=f"evaluating {protocol.arch}", disable=not progress)
+    for seed in nets:
+        model, info = train_on_set(images, labels, dataset, protocol, eta, seed, device=device)
+        accs.append(test_accuracy(model, dataset.test_images, dataset.test_labels))
+        train_accs.append(info["train_acc"])
+        if val is not None:
+            val_accs.append(test_accuracy(model, *val))
+        if progress:
+            nets.set_postfix(acc=f"{100 * accs[-1]:.2f}%")
+
+    return EvalResult(
+        accs=accs,
+        mean=float(np.mean(accs)),
+        std=float(np.std(accs)),
+        val_accs=val_accs if val is not None else None,
+        train_accs=train_accs,
+        protocol=protocol.to_dict(),
+        lr=eta,
+        seconds=time.perf_counter() - t0,
+        set_info={
+            "n": int(images.shape[0]),
+            "labels": "soft" if labels.is_floating_point() else "hard",
+            "dataset": dataset.name,
+            "dsa_strategy": resolve_strategy(protocol, dataset.name),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline every table starts with: a random real subset
+# ---------------------------------------------------------------------------------------------
+
+
+def random_real_subset(dataset, ipc: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """ipc random real training images of every class, chosen by ``seed``.
+
+    Returns images (K·ipc, C, H, W) sorted by class and labels (K·ipc,) int64 = [0]*ipc + [1]*ipc + ...
+    """
+    labels = dataset.train_labels.cpu()
+    counts = torch.bincount(labels, minlength=dataset.num_classes)
+    smallest = int(counts.min())
+    if isinstance(ipc, bool) or not isinstance(ipc, (int, np.integer)) or not 1 <= ipc <= smallest:
+        c = int(counts.argmin())
+        raise ValueError(
+            f"ipc must be an integer between 1 and the smallest class size {smallest} "
+            f"(class {c} {dataset.class_names[c]!r} of {dataset.name}); got ipc={ipc!r}"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = []
+    for c in range(dataset.num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        idx.append(members[torch.randperm(members.numel(), generator=gen)[:ipc]])
+    idx = torch.cat(idx).to(dataset.train_images.device)
+    return dataset.train_images[idx].clone(), dataset.train_labels[idx].clone()
+
+
+def evaluate_random_real(
+    dataset, ipc: int, protocol: EvalProtocol = EvalProtocol(), seed: int = 0, progress: bool = True
+) -> EvalResult:
+    """The random-real baseline under the same protocol (η = 0.01 unless ``protocol.lr``)."""
+    images, labels = random_real_subset(dataset, ipc, seed=seed)
+    result = evaluate_set(images, labels, dataset, protocol, lr=None, progress=progress)
+    result.set_info.update(source="random real subset", ipc=int(ipc), subset_seed=int(seed))
+    return result

@@ -1,0 +1,143 @@
+"""Stage 2 — the unrolled student.
+
+The student starts on the expert's trajectory, θ̂_0 = θ*_t, and trains on the synthetic set for
+N = ``syn_steps`` plain SGD steps with the learnable learning rate α = ``syn_lr`` (paper, Eq. 1)::
+
+    θ̂_{n+1} = θ̂_n − α ∇_θ ℓ(A(D_syn,n); θ̂_n)
+
+where D_syn,n is the n-th mini-batch of ``batch_syn`` synthetic images (the set is reshuffled
+whenever it is used up, as in the authors' code) and A is differentiable augmentation (DSA).
+
+With ``create_graph=True`` every gradient is itself part of the autograd graph, so θ̂_N is a
+differentiable function of the pixels, the labels and α: back-propagating the matching loss
+through this loop is the second-order "naive unroll", whose memory grows linearly with N
+(see ``adjoint.py`` for the exact constant-memory alternative).
+
+All randomness of one unroll (which images form each batch, which augmentation each batch gets)
+is drawn *before* the unroll into a :class:`StepPlan`, so the same steps can be replayed exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .augment import DSAParams, dsa
+from .params import ParamSpec
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The randomness of one unroll: batch ``n`` is ``images[batches[n]]``, augmented with ``aug_seeds[n]``."""
+
+    batches: tuple[Tensor, ...]  # N index tensors, each (batch_syn,) or smaller at the end of an epoch
+    aug_seeds: tuple[int, ...]  # N ints
+
+    @property
+    def syn_steps(self) -> int:
+        return len(self.batches)
+
+
+def make_plan(n_syn: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> StepPlan:
+    """Draw the batches and augmentation seeds of ``syn_steps`` student steps.
+
+    As in MTT: a random permutation of the ``n_syn`` images is split into chunks of
+    ``batch_syn`` (``None`` = all images every step); chunks are consumed from the end and a new
+    permutation is drawn when they run out.
+    """
+    if syn_steps < 1:
+        raise ValueError(f"syn_steps (N) must be >= 1, got {syn_steps}")
+    batch_syn = n_syn if batch_syn is None else batch_syn
+    if not 1 <= batch_syn <= n_syn:
+        raise ValueError(f"batch_syn must be between 1 and the synthetic set size {n_syn}, got {batch_syn}")
+    chunks: list[Tensor] = []
+    batches = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.split(torch.randperm(n_syn, generator=generator), batch_syn))
+        batches.append(chunks.pop())
+    seeds = torch.randint(0, 2**31 - 1, (syn_steps,), generator=generator).tolist()
+    return StepPlan(tuple(batches), tuple(int(s) for s in seeds))
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """ℓ = mean cross-entropy; ``labels`` are class indices (B,) or soft targets (B, K)."""
+    if labels.is_floating_point():
+        return -(labels * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return F.cross_entropy(logits, labels)
+
+
+def student_loss(
+    model: nn.Module,
+    spec: ParamSpec,
+    theta: Tensor,
+    x: Tensor,
+    y: Tensor,
+    dsa_strategy: str | None,
+    aug_seed: int,
+    dsa_params: DSAParams = DSAParams(),
+) -> Tensor:
+    """ℓ(A(x); θ): the student's training loss on one (augmented) synthetic batch.
+
+    theta: (P,) flat parameters; x: (B, C, H, W); y: (B,) or (B, K).
+    """
+    x = dsa(x, dsa_strategy, seed=aug_seed, params=dsa_params)
+    logits = functional_call(model, spec.unflatten(theta), (x,))
+    return cross_entropy(logits, y)
+
+
+def check_stateless(model: nn.Module) -> None:
+    """The student is a pure function of θ: networks with running statistics cannot be unrolled."""
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(
+            f"the student network has buffers {buffers[:3]} (e.g. batch-norm running statistics); "
+            "MTT distils with networks that have none: use norm='instancenorm' (the paper's ConvNet)"
+        )
+
+
+@dataclass
+class UnrollResult:
+    theta: Tensor  # θ̂_N, (P,)
+    path: list[Tensor] | None  # [θ̂_0, ..., θ̂_N] (detached) when requested
+    losses: list[float]  # student training loss ℓ at each step
+
+
+def unroll(
+    model: nn.Module,
+    spec: ParamSpec,
+    theta0: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    syn_lr: Tensor | float,
+    plan: StepPlan,
+    dsa_strategy: str | None,
+    dsa_params: DSAParams = DSAParams(),
+    create_graph: bool = True,
+    return_path: bool = False,
+) -> UnrollResult:
+    """Take N = ``plan.syn_steps`` SGD steps from θ̂_0 = ``theta0`` on the synthetic set.
+
+    θ̂_{n+1} = θ̂_n − α ∇_θ ℓ(A(x_{b_n}); θ̂_n)
+
+    images: (n_syn, C, H, W); labels: (n_syn,) int or (n_syn, K) float; syn_lr: α (scalar tensor).
+    With ``create_graph=True`` the returned θ̂_N carries the full second-order graph back to
+    ``images``, ``labels`` (if they require grad) and ``syn_lr``.
+    """
+    check_stateless(model)
+    theta = theta0.detach().requires_grad_(True)
+    path = [theta.detach()] if return_path else None
+    losses = []
+    for idx, seed in zip(plan.batches, plan.aug_seeds):
+        loss = student_loss(model, spec, theta, images[idx], labels[idx], dsa_strategy, seed, dsa_params)
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        theta = theta - syn_lr * grad  # θ̂_{n+1} = θ̂_n − α g_n
+        if not create_graph:
+            theta = theta.detach().requires_grad_(True)
+        losses.append(loss.item())
+        if path is not None:
+            path.append(theta.detach())
+    return UnrollResult(theta, path, losses)

@@ -1,0 +1,155 @@
+"""Stage 4: the outer loop — validation, resume ≡ uninterrupted, and the α / NaN guard."""
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet
+from mttlite.distill import PRESETS, DistillationDiverged, DistillConfig, Distiller, preset, run
+
+
+def _toy_dataset(n_per_class=8, K=3, seed=0):
+    """Three classes of 8×8 images that differ in mean brightness pattern (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(K, 1, 8, 8, generator=g)
+    labels = torch.arange(K).repeat_interleave(n_per_class)
+    images = protos[labels] + 0.5 * torch.randn(len(labels), 1, 8, 8, generator=g)
+    return SimpleNamespace(name="toy", train_images=images, train_labels=labels, num_classes=K, channel=1, im_size=(8, 8))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = _toy_dataset()
+    net = tiny_convnet(num_classes=3, width=4, im=8, dtype=torch.float32)
+    experts = sgd_trajectories(net, ds.train_images, ds.train_labels, num_experts=2, epochs=4, lr=0.1)
+    return ds, net, experts
+
+
+def _config(**kw):
+    base = dict(dataset="toy", ipc=2, syn_steps=3, expert_epochs=1, max_start_epoch=3, iterations=6,
+                lr_img=10.0, lr_lr=1e-4, lr_teacher=0.05, dsa_strategy="color_crop_cutout_flip_scale_rotate",
+                checkpoint_every=2, seed=7)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_config_validation_names_every_bad_field():
+    with pytest.raises(ValueError) as e:
+        DistillConfig(ipc=0, syn_steps=0, expert_epochs=-1, max_start_epoch=0, lr_img=-1, gradient="tesla",
+                      pix_init="gan", dsa_strategy="crop_blur").validate()
+    msg = str(e.value)
+    for name in ("ipc", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "gradient", "pix_init", "blur"):
+        assert name in msg
+    for name, cfg in PRESETS.items():
+        cfg.validate()
+    assert preset("cifar10-ipc10", iterations=3).iterations == 3
+    with pytest.raises(ValueError, match="cifar10-ipc1"):
+        preset("cifar-10")
+
+
+def test_bad_inputs_against_data_and_buffer(setup):
+    ds, net, experts = setup
+    with pytest.raises(ValueError, match="max_start_epoch"):
+        Distiller(_config(max_start_epoch=4, expert_epochs=2), ds, net, experts)  # needs epoch 5, has 0..4
+    with pytest.raises(ValueError, match="smallest class"):
+        Distiller(_config(ipc=9), ds, net, experts)
+    with pytest.raises(ValueError, match="batch_syn"):
+        Distiller(_config(batch_syn=7), ds, net, experts)
+
+
+def test_images_initialised_from_real_samples_of_each_class(setup):
+    ds, net, experts = setup
+    d = Distiller(_config(), ds, net, experts)
+    assert d.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    for img, lab in zip(d.images, d.labels):
+        hits = (ds.train_images == img).flatten(1).all(1).nonzero().flatten()
+        assert len(hits) == 1 and ds.train_labels[hits[0]] == lab
+
+
+@pytest.mark.parametrize("gradient", ["exact", "unroll"])
+def test_loss_decreases_and_alpha_moves(setup, gradient):
+    ds, net, experts = setup
+    d = Distiller(_config(iterations=30, gradient=gradient, dsa_strategy="", max_start_epoch=1, lr_img=100.0), ds, net, experts)
+    run(d, progress=False)
+    first, last = sum(d.history.loss[:5]) / 5, sum(d.history.loss[-5:]) / 5
+    assert last < first, (first, last)  # same start epoch every time: the set must get better at matching it
+    assert d.history.syn_lr[-1] != 0.05
+
+
+def test_exact_and_unroll_modes_take_identical_steps(setup):
+    ds, net, experts = setup
+    runs = [run(Distiller(_config(gradient=m, iterations=3), ds, net, experts), progress=False) for m in ("exact", "unroll")]
+    torch.testing.assert_close(runs[0].images, runs[1].images, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[0].syn_lr, runs[1].syn_lr, rtol=1e-4, atol=1e-7)
+
+
+def test_resume_is_bit_identical_to_uninterrupted(setup, tmp_path):
+    ds, net, experts = setup
+    full = run(Distiller(_config(), ds, net, experts), tmp_path / "a", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(info):
+        if info.iteration == 5:
+            raise Interrupt  # after iteration 5; the last checkpoint is iteration 4
+
+    with pytest.raises(Interrupt):
+        run(Distiller(_config(), ds, net, experts), tmp_path / "b", callbacks=(stop_at_5,), progress=False)
+    seen = []
+    resumed = run(Distiller(_config(), ds, net, experts), tmp_path / "b",
+                  callbacks=(lambda i: seen.append(i.iteration),), progress=False)
+    assert seen == [5, 6]  # it continued from the checkpoint, it did not start over
+    assert torch.equal(resumed.images, full.images)
+    assert torch.equal(resumed.syn_lr, full.syn_lr)
+    assert resumed.history.loss == full.history.loss
+
+
+def test_resume_refuses_a_different_configuration(setup, tmp_path):
+    ds, net, experts = setup
+    run(Distiller(_config(iterations=2), ds, net, experts), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="syn_steps"):
+        run(Distiller(_config(iterations=4, syn_steps=2), ds, net, experts), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="not a readable"):
+        (tmp_path / "checkpoint.safetensors").write_bytes(b"\x00" * 10)
+        run(Distiller(_config(iterations=4), ds, net, experts), tmp_path, progress=False)
+
+
+def test_guard_fires_when_alpha_goes_non_positive_and_keeps_last_good_state(setup, tmp_path):
+    """Constructed divergence: an expert that barely moves. Then L ≈ α²‖g‖²/‖θ*_t − θ*_{t+1}‖², so
+    ∂L/∂α = 2α‖g‖²/… > 0 and one SGD step with a large lr_lr throws α below zero."""
+    ds, net, experts = setup
+    theta0 = experts.flat(0, 0)
+    still = MemoryTrajectories([[theta0, theta0 + 1e-4 * torch.randn(theta0.shape, generator=torch.Generator().manual_seed(0))]])
+    cfg = _config(iterations=3, max_start_epoch=1, expert_epochs=1, lr_lr=1.0)
+    d = Distiller(cfg, ds, net, still)
+    start_images = d.images.detach().clone()
+    with pytest.raises(DistillationDiverged, match="lr_lr") as e:
+        run(d, tmp_path, progress=False)
+    assert "alpha_param='log'" in str(e.value) and "≤ 0" in str(e.value)
+    # The last good state is the initial one: nothing was applied.
+    assert torch.equal(d.images, start_images) and d.syn_lr.item() == torch.tensor(cfg.lr_teacher).item() and d.iteration == 0
+    # It was written to the run directory and resumes once the knob is turned (lr_lr = 0 freezes α).
+    d2 = run(Distiller(replace(cfg, lr_lr=0.0), ds, net, still), tmp_path, progress=False)
+    assert d2.iteration == 3 and d2.syn_lr.item() == torch.tensor(cfg.lr_teacher).item()
+
+
+def test_guard_fires_on_non_finite_pixels(setup):
+    ds, net, experts = setup
+    d = Distiller(_config(iterations=5, lr_img=1e38), ds, net, experts)
+    with pytest.raises(DistillationDiverged, match="lr_img"):
+        run(d, progress=False)
+    assert torch.isfinite(d.images).all()
+
+
+def test_log_alpha_stays_positive_and_follows_chain_rule(setup):
+    ds, net, experts = setup
+    lin = Distiller(_config(iterations=1, momentum=0.0, lr_lr=1e-3), ds, net, experts)
+    log = Distiller(_config(iterations=1, momentum=0.0, lr_lr=1e-3, alpha_param="log"), ds, net, experts)
+    info_lin, info_log = lin.step(), log.step()
+    # Same first iteration → same ∂L/∂α; the log step is a ← a − lr·α·∂L/∂α.
+    assert info_lin.grad_syn_lr == pytest.approx(info_log.grad_syn_lr, rel=1e-5)
+    expected = 0.05 * torch.exp(torch.tensor(-1e-3 * 0.05 * info_log.grad_syn_lr)).item()
+    assert log.syn_lr.item() == pytest.approx(expected, rel=1e-6)
+    assert replace(_config(), alpha_param="log").validate().alpha_param == "log"
