@@ -368,8 +368,8 @@ class ExpertBuffer:
     ) -> None:
         """Raise one ValueError listing every field where this buffer cannot serve a distillation.
 
-        ``needed_epochs`` = max_start_epoch + expert_epochs (T+ + M): the latest target θ*_{t+M}
-        a distillation may ask for must be stored."""
+        ``needed_epochs`` = the latest epoch a distillation reads, T+ − 1 + M (t is drawn from
+        0 … T+−1 as in MTT, and the target is θ*_{t+M}): it must be stored."""
         m, kw = self.meta, self.meta.get("arch_kwargs", {})
         problems = []
 
@@ -390,7 +390,7 @@ class ExpertBuffer:
         last = max(self.epochs)
         if needed_epochs > last:
             problems.append(
-                f"epochs: the distillation needs expert epochs up to max_start_epoch + expert_epochs = {needed_epochs} "
+                f"epochs: the distillation needs expert epochs up to max_start_epoch - 1 + expert_epochs = {needed_epochs} "
                 f"but the buffer stores epochs 0..{last} (train_epochs={m['train_epochs']}); lower max_start_epoch "
                 f"or expert_epochs, or regenerate the buffer with a larger --train-epochs/--keep-epochs"
             )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .augment import dsa, default_strategy, parse_strategy
+from .augment import default_strategy, dsa, parse_strategy
 from .io import atomic_write
 from .networks import ARCHS, get_network
 from .student import cross_entropy
@@ -48,6 +48,11 @@ from .student import cross_entropy
 DEFAULT_LR = 0.01
 #: The learning rate is multiplied by this once, at epoch E // 2.
 LR_DECAY = 0.1
+#: How results name the evaluation networks.
+DISPLAY_NAMES = {
+    "convnet": "ConvNet", "convnetd4": "ConvNetD4", "convnetd5": "ConvNetD5", "mlp": "MLP",
+    "lenet": "LeNet", "alexnet": "AlexNet", "vgg11": "VGG-11", "resnet18": "ResNet-18",
+}
 #: Seed of the validation split: fixed, so every evaluation of every checkpoint scores the same images.
 VAL_SEED = 0
 
@@ -112,9 +117,8 @@ class EvalProtocol:
 
     def describe(self) -> str:
         """One line a reader can reproduce the number from."""
-        net = ", ".join(
-            f"{f.name}={getattr(self, f.name)}" for f in fields(self)[1:4] if getattr(self, f.name) is not None
-        )
+        shown = ("width", "depth", "norm") if self.arch.startswith("convnet") else ("width",) if self.arch == "mlp" else ("norm",)
+        net = ", ".join(f"{k}={getattr(self, k)}" for k in shown if getattr(self, k) is not None)
         lr = "learned α (0.01 if none)" if self.lr is None else f"{self.lr:g}"
         aug = {None: "dataset default", "": "none"}.get(self.dsa_strategy, self.dsa_strategy)
         val = f", val split {self.val_fraction:g} of train" if self.val_fraction > 0 else ""
@@ -143,7 +147,8 @@ class EvalResult:
     set_info: dict = field(default_factory=dict)  # what was evaluated: size, label kind, source
 
     def __str__(self) -> str:
-        name = self.protocol.get("arch", "?")
+        arch = self.protocol.get("arch", "?")
+        name = DISPLAY_NAMES.get(arch, arch)
         text = (
             f"{name}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % (final test acc, {len(self.accs)} nets, "
             f"{self.protocol.get('epochs', '?')} epochs, lr {self.lr:.4g})"
@@ -258,6 +263,8 @@ def train_on_set(
     """
     t0 = time.perf_counter()
     _check_set(images, labels, dataset)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     device = torch.device(device) if device is not None else images.device
     x, y = images.detach().to(device), labels.detach().to(device)
     n = x.shape[0]
@@ -275,7 +282,7 @@ def train_on_set(
         for group in opt.param_groups:
             group["lr"] = lr_e
         model.train()
-        total = 0.0
+        total = torch.zeros((), device=device)  # Σ_b |B| ℓ_b, summed on the device (no sync per step)
         for idx in torch.randperm(n, generator=gen).split(protocol.batch_size):
             idx = idx.to(device)
             xb = x[idx]  # (B, C, H, W)
@@ -285,11 +292,11 @@ def train_on_set(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()  # v ← μ v + (g + λ θ);  θ ← θ − η_e v
-            total += loss.item() * idx.numel()
+            total += loss.detach() * idx.numel()
         lr_per_epoch.append(lr_e)
-        loss_per_epoch.append(total / n)
+        loss_per_epoch.append(total.item() / n)
         if progress:
-            epochs.set_postfix(loss=f"{total / n:.3f}")
+            epochs.set_postfix(loss=f"{loss_per_epoch[-1]:.3f}")
 
     model.eval()
     info = {
@@ -357,7 +364,7 @@ def evaluate_set(
     images: Tensor,
     labels: Tensor,
     dataset,
-    protocol: EvalProtocol = EvalProtocol(),
+    protocol: EvalProtocol | None = None,
     lr: float | None = None,
     device=None,
     progress: bool = True,
@@ -365,9 +372,11 @@ def evaluate_set(
     """Train ``protocol.num_nets`` fresh networks on (images, labels) and score them on the real test set.
 
     images: (n, C, H, W) in the dataset's (normalised, possibly ZCA) space; labels: (n,) or (n, K).
+    protocol: None -> ``EvalProtocol()``, the papers' protocol.
     lr: the set's learned α (None for a set without one); ``protocol.lr`` overrides it.
     """
     t0 = time.perf_counter()
+    protocol = EvalProtocol() if protocol is None else protocol
     _check_set(images, labels, dataset)
     eta = resolve_lr(protocol, lr)
     if protocol.val_fraction > 0:
@@ -436,9 +445,10 @@ def random_real_subset(dataset, ipc: int, seed: int = 0) -> tuple[Tensor, Tensor
 
 
 def evaluate_random_real(
-    dataset, ipc: int, protocol: EvalProtocol = EvalProtocol(), seed: int = 0, progress: bool = True
+    dataset, ipc: int, protocol: EvalProtocol | None = None, seed: int = 0, progress: bool = True
 ) -> EvalResult:
     """The random-real baseline under the same protocol (η = 0.01 unless ``protocol.lr``)."""
+    protocol = EvalProtocol() if protocol is None else protocol
     images, labels = random_real_subset(dataset, ipc, seed=seed)
     result = evaluate_set(images, labels, dataset, protocol, lr=None, progress=progress)
     result.set_info.update(source="random real subset", ipc=int(ipc), subset_seed=int(seed))

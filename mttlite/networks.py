@@ -43,11 +43,11 @@ batch norm*, VGG-11, AlexNet, LeNet and MLP; ``get_network`` builds all of them 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ARCHS: tuple[str, ...] = ("convnet", "convnetd4", "convnetd5", "mlp", "lenet", "alexnet", "vgg11", "resnet18")
 NORMS: tuple[str, ...] = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
@@ -470,7 +470,7 @@ def get_network(arch: str, channel: int, num_classes: int, im_size=(28, 28), wid
             raise ValueError(f"depth only applies to the convnet archs, not {arch!r}; pass depth=None")
         if act.lower() != "relu":
             raise ValueError(f"arch {arch!r} is a ReLU network; act={act!r} only applies to the convnet archs")
-        if key in ("mlp", "lenet", "alexnet") and norm not in (None, "none"):
+        if key in ("mlp", "lenet", "alexnet") and norm is not None and norm.lower() != "none":
             raise ValueError(f"arch {arch!r} has no normalisation layers; pass norm=None")
         if key == "mlp":
             net = MLP(channel, num_classes, im_size=im_size, width=width)
@@ -509,7 +509,10 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of trainable scalars, sum over parameters of numel (ConvNet-3, 10 classes: 317,706 on 1x28x28, 320,010 on 3x32x32)."""
+    """Number of trainable scalars, sum of numel over parameters.
+
+    ConvNet-3 (width 128, 10 classes): 317,706 on 1 x 28 x 28, 320,010 on 3 x 32 x 32.
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -43,7 +43,7 @@ def make_distiller(config: DistillConfig, buffer: ExpertBuffer | str | Path, dat
         raise ValueError(f"the config distils {config.dataset!r} but the data set given is {dataset.name!r}")
     buffer.check_compatible(dataset=dataset.name, channel=dataset.channel, im_size=tuple(dataset.im_size),
                             num_classes=dataset.num_classes, zca=dataset.zca is not None, arch=buffer.meta["arch"],
-                            needed_epochs=config.max_start_epoch + config.expert_epochs - 1)
+                            needed_epochs=config.needed_epochs)
     return Distiller(config, dataset, network_for(buffer, device), buffer, device=device)
 
 

@@ -30,7 +30,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .evaluate import EvalProtocol, EvalResult, evaluate_set, hard_labels, random_real_subset
+from .evaluate import (
+    EvalProtocol,
+    EvalResult,
+    evaluate_set,
+    hard_labels,
+    random_real_subset,
+)
 from .io import atomic_write, load_tensors, save_tensors
 from .zca import ZCA
 
@@ -39,11 +45,11 @@ _META_FIELDS = ("syn_lr", "dataset", "class_names", "mean", "std", "arch", "arch
 
 
 def _library_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("mttlite")
-    except Exception:  # not installed (running from a source tree)
+    except PackageNotFoundError:  # not installed (running from a source tree)
         return "unknown"
 
 
@@ -135,12 +141,12 @@ class SyntheticSet:
     # -- constructors --------------------------------------------------------------------------
 
     @classmethod
-    def from_random_real(cls, dataset, ipc: int, seed: int = 0) -> "SyntheticSet":
+    def from_random_real(cls, dataset, ipc: int, seed: int = 0) -> SyntheticSet:
         """The random-real baseline as a set: ipc real training images per class (no α)."""
         images, labels = random_real_subset(dataset, ipc, seed=seed)
         return cls(
             images=images, labels=labels, syn_lr=None, dataset=dataset.name, class_names=list(dataset.class_names),
-            mean=dataset.mean, std=dataset.std, zca=dataset.zca, arch="none", method="random_real",
+            mean=dataset.mean, std=dataset.std, zca=dataset.zca, method="random_real",
             config={"ipc": int(ipc), "seed": int(seed)},
         )
 
@@ -156,7 +162,7 @@ class SyntheticSet:
         return save_tensors(path, tensors, f"{FORMAT}/1", meta)
 
     @classmethod
-    def load(cls, path, device="cpu") -> "SyntheticSet":
+    def load(cls, path, device="cpu") -> SyntheticSet:
         """Read a file written by :meth:`save`.
 
         Raises FileNotFoundError for a missing file and ValueError for a truncated file, a file that
@@ -278,10 +284,10 @@ class SyntheticSet:
         if problems:
             raise ValueError(f"this synthetic set does not match dataset {dataset.name!r}: " + "; ".join(problems))
 
-    def evaluate(self, dataset, protocol: EvalProtocol = EvalProtocol(), **kw) -> EvalResult:
+    def evaluate(self, dataset, protocol: EvalProtocol | None = None, **kw) -> EvalResult:
         """Train ``protocol.num_nets`` fresh networks on this set (lr α, or 0.01 if none) and score them.
 
-        kw: ``device``, ``progress`` (see ``evaluate.evaluate_set``).
+        protocol: None -> ``EvalProtocol()``; kw: ``device``, ``progress`` (see ``evaluate.evaluate_set``).
         """
         self.check_dataset(dataset)
         result = evaluate_set(self.images, self.labels, dataset, protocol, lr=self.syn_lr, **kw)

@@ -7,7 +7,6 @@ import re
 import time
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,13 +24,24 @@ from mttlite.evaluate import (
     predict,
     random_real_subset,
     resolve_lr,
-    test_accuracy as accuracy_of,  # not collected as a test
     train_on_set,
     validation_indices,
+)
+from mttlite.evaluate import (
+    test_accuracy as accuracy_of,  # renamed: pytest would collect test_*
 )
 from mttlite.networks import ARCHS
 
 TINY = EvalProtocol(width=8, epochs=2, num_nets=1, dsa_strategy="")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one intra-op thread, above all on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +92,7 @@ def test_protocol_rejects_bad_values():
         EvalProtocol(arch="nope")
     with pytest.raises(ValueError, match="crop"):
         EvalProtocol(dsa_strategy="crop_blur")
-    for bad in (dict(epochs=0), dict(lr=-1.0), dict(val_fraction=1.0), dict(num_nets=0), dict(momentum=1.0)):
+    for bad in ({"epochs": 0}, {"lr": -1.0}, {"val_fraction": 1.0}, {"num_nets": 0}, {"momentum": 1.0}):
         with pytest.raises(ValueError):
             EvalProtocol(**bad)
 
@@ -141,7 +151,7 @@ def test_one_hot_soft_labels_train_like_hard_labels(toy, tiny_set):
     """Soft cross-entropy −Σ p log softmax with one-hot p equals hard cross-entropy."""
     x, y = tiny_set
     hard, _ = train_on_set(x, y, toy, TINY, lr=0.01, seed=1)
-    soft, info = train_on_set(x, F.one_hot(y, 3).float(), toy, TINY, lr=0.01, seed=1)
+    soft, _ = train_on_set(x, F.one_hot(y, 3).float(), toy, TINY, lr=0.01, seed=1)
     for p, q in zip(hard.parameters(), soft.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
     # genuinely soft labels (label smoothing) go through the whole protocol
@@ -233,18 +243,19 @@ def test_random_real_subset_bad_ipc(ds, ipc):
 
 
 def test_quality_ipc10_real_images_beat_chance_by_far(ds):
-    """10 real images per class, ConvNet width 16, 100 epochs (1 batch each), no DSA: > 40 % (chance 10 %).
+    """10 real images per class, ConvNet width 16, 100 epochs (1 batch each) with the default DSA:
+    > 40 % test accuracy (chance: 10 %).
 
-    Measured on the embedded set: about 64 % in about 2 s on 2 cores (margin ~24 points).
+    Measured on the embedded set: 73.0 % (margin 33 points over the threshold), ~3-7 s on 2 shared cores.
     """
-    protocol = EvalProtocol(width=16, epochs=100, num_nets=1, dsa_strategy="")
+    protocol = EvalProtocol(width=16, epochs=100, num_nets=1)
     t = time.perf_counter()
     res = evaluate_random_real(ds, 10, protocol, seed=0, progress=False)
     seconds = time.perf_counter() - t
     print(f"ipc-10 random real: {res}  [{seconds:.1f}s]")
-    assert res.lr == 0.01 and res.set_info["ipc"] == 10
+    assert res.lr == 0.01 and res.set_info["ipc"] == 10 and res.set_info["dsa_strategy"].startswith("color_crop")
     assert res.mean > 0.40
-    assert res.train_accs[0] > 0.9  # it fits the 100 images it saw
+    assert res.train_accs[0] > 0.8  # it fits the 100 images it saw (measured 0.88)
 
 
 # --- other architectures -------------------------------------------------------------------------

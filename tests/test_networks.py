@@ -5,12 +5,21 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from mttlite.networks import (ACTS, ARCHS, NORMS, POOLINGS, ConvNet, count_params, default_depth,
-                              flat_param_names, get_network)
+from mttlite.networks import (
+    ACTS,
+    ARCHS,
+    NORMS,
+    POOLINGS,
+    ConvNet,
+    count_params,
+    default_depth,
+    flat_param_names,
+    get_network,
+)
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 
