@@ -18,8 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mttlite demo --out runs/demo
 
+# The whole suite: library tests, notebooks executed by papermill, and nbval over the notebooks (CI sizes).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests
+	MTTLITE_CI=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 
 clean:
 	rm -rf runs .pytest_cache
+
+include notebooks/Makefile.inc

@@ -35,9 +35,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -248,7 +249,7 @@ class ExpertBuffer:
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "ExpertBuffer":
+    def open(cls, path: str | os.PathLike) -> ExpertBuffer:
         """Open ``path``, validate ``meta.json`` and every expert file's header (cheap: the
         header only; the tensors stay on disk)."""
         path = Path(path)
@@ -331,7 +332,7 @@ class ExpertBuffer:
             e = self.epochs
             raise ValueError(
                 f"epoch {epoch} is not stored in {self.path} (stored: {e[0]}..{e[-1]}); "
-                "a distillation needs max_start_epoch + expert_epochs <= the last stored epoch"
+                "a distillation reads epochs up to max_start_epoch - 1 + expert_epochs, which must be stored"
             )
         f = self._file(expert)
         try:

@@ -26,7 +26,11 @@ which group: a resumed run, an extended buffer and a torchrun run all give the s
 **Parallel experts.** ``parallel=K`` trains K experts at once: their parameters are stacked with
 ``torch.func.stack_module_state`` to shape (K, ...) and the loss gradient is ``vmap``-ed over
 (θ, x, y), each expert with its own batch (augmented separately, then stacked to (K, B, C, H, W)).
-Same trajectories as one-by-one training up to float rounding, fewer, larger kernels.
+Same trajectories as one-by-one training up to float rounding (~1e-8 here), fewer, larger
+kernels: meant for GPUs, where one width-128 ConvNet leaves most of the device idle. On a CPU it
+is *slower* (benchmarks/experts_throughput.py: 0.5-0.7x for K = 4..16 on one core), because the
+vmapped convolutions become grouped convolutions and GroupNorm's batching rule falls back to
+separate elementwise ops for the per-expert affine parameters.
 
 **Resuming.** An expert's file is written (atomically) only once it is complete. Rerunning on the
 same directory skips complete experts after checking ``meta.json`` matches the request; a larger
@@ -48,8 +52,9 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +66,6 @@ from .buffers import (
     DTYPES,
     FORMAT_VERSION,
     ExpertBuffer,
-    expert_filename,
     list_experts,
     save_expert,
     write_or_check_meta,
@@ -294,8 +298,8 @@ def _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dt
         bad(f"train_epochs must be an integer >= 0, got {train_epochs!r}")
     if keep_epochs is not None and not 0 <= keep_epochs <= train_epochs:
         bad(
-            f"keep_epochs must be in 0..train_epochs={train_epochs} (a distillation needs "
-            f"max_start_epoch + expert_epochs), got {keep_epochs!r}"
+            f"keep_epochs must be in 0..train_epochs={train_epochs} (a distillation reads epochs up to "
+            f"max_start_epoch - 1 + expert_epochs), got {keep_epochs!r}"
         )
     if batch_real < 1:
         bad(f"batch_real must be >= 1, got {batch_real!r}")
@@ -336,7 +340,8 @@ def train_experts(
     dataset:      a ``mttlite.data.Dataset`` (train_images (N, C, H, W), train_labels (N,), test_*)
     train_epochs: E; the trajectory is θ*_0 .. θ*_E
     keep_epochs:  store only θ*_0 .. θ*_keep_epochs (still training all E epochs); a distillation
-                  needs keep_epochs >= max_start_epoch + expert_epochs (T+ + M)
+                  reads up to θ*_{T+ − 1 + M} (start t < T+ = max_start_epoch, target t + M), so
+                  keep_epochs = T+ + M (e.g. 20 + 2 for CIFAR-10 IPC10) is always enough
     dsa_strategy: None → ``augment.default_strategy(dataset.name)``; "" → no augmentation
     dtype:        storage dtype of the snapshots ("float32", "float16", "bfloat16"); training is fp32
     parallel:     K experts trained at once with vmap (same trajectories up to float rounding)
@@ -345,8 +350,8 @@ def train_experts(
     callback:     called as callback(expert_index, epoch, metrics_so_far) after every epoch
     Returns the ``ExpertBuffer`` opened on ``out_dir`` (all complete experts, any rank's).
     """
-    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    rank = int(os.environ.get("RANK", "0")) if rank is None else int(rank)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
     _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size)
     strategy = augment.default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
     augment.parse_strategy(strategy)  # fail early on a typo, with the valid ops listed
@@ -392,7 +397,13 @@ def train_experts(
     todo = [i for i in range(num_experts) if i % world_size == rank and i not in done]
     X, Y = dataset.train_images.to(device), dataset.train_labels.to(device)
     Xt, Yt = dataset.test_images.to(device), dataset.test_labels.to(device)
-    opts = dict(batch_real=batch_real, dsa_strategy=strategy, lr_teacher=lr_teacher, momentum=momentum, weight_decay=weight_decay)
+    opts = {
+        "batch_real": batch_real,
+        "dsa_strategy": strategy,
+        "lr_teacher": lr_teacher,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+    }
 
     from tqdm.auto import tqdm
 

@@ -11,7 +11,7 @@ whenever it is used up, as in the authors' code) and A is differentiable augment
 With ``create_graph=True`` every gradient is itself part of the autograd graph, so θ̂_N is a
 differentiable function of the pixels, the labels and α: back-propagating the matching loss
 through this loop is the second-order "naive unroll", whose memory grows linearly with N
-(see ``adjoint.py`` for the exact constant-memory alternative).
+(see ``meta_gradient.py`` for the exact constant-memory alternative).
 
 All randomness of one unroll (which images form each batch, which augmentation each batch gets)
 is drawn *before* the unroll into a :class:`StepPlan`, so the same steps can be replayed exactly.

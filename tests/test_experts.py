@@ -16,7 +16,13 @@ from safetensors.torch import load_file
 
 from mttlite import buffers as buffers_mod
 from mttlite.augment import default_strategy, dsa
-from mttlite.buffers import ExpertBuffer, expert_filename, save_expert, tensor_key, write_or_check_meta
+from mttlite.buffers import (
+    ExpertBuffer,
+    expert_filename,
+    save_expert,
+    tensor_key,
+    write_or_check_meta,
+)
 from mttlite.data import load_dataset
 from mttlite.experts import (
     draw_seed,
@@ -180,8 +186,8 @@ def test_round_trip(tmp_path, dtype):
     dt = buffers_mod.DTYPES[dtype]
     for e in range(3):
         p = buf.params(0, e)
-        for n in shapes:
-            assert p[n].dtype == torch.float32 and p[n].shape == shapes[n]
+        for n, shape in shapes.items():
+            assert p[n].dtype == torch.float32 and p[n].shape == shape
             want = traj[e][n].to(dt).float()  # float32: identity; else torch's own rounding
             assert torch.equal(p[n], want)
             rel = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}[dtype]
@@ -329,11 +335,12 @@ def test_rerun_with_different_settings_names_the_field(ds, tmp_path):
 
 def test_check_compatible(ds, tmp_path):
     buf = _train(ds, tmp_path / "b", train_epochs=3, keep_epochs=2)
-    ok = dict(dataset=ds.name, channel=1, im_size=(28, 28), num_classes=10, zca=False, arch="convnet", width=W)
-    buf.check_compatible(needed_epochs=2, **ok)  # T+ + M = 2 <= last stored epoch
+    ok = {"dataset": ds.name, "channel": 1, "im_size": (28, 28), "num_classes": 10, "zca": False, "arch": "convnet"}
+    ok["width"] = W
+    buf.check_compatible(needed_epochs=2, **ok)  # T+ - 1 + M = 2 <= last stored epoch
     with pytest.raises(ValueError, match="trained on 'fashion-mnist-mini' but the distillation asks for 'mnist'"):
         buf.check_compatible(needed_epochs=2, **{**ok, "dataset": "mnist"})
-    with pytest.raises(ValueError, match=r"max_start_epoch \+ expert_epochs = 22.*epochs 0\.\.2") as e:
+    with pytest.raises(ValueError, match=r"max_start_epoch - 1 \+ expert_epochs = 22.*epochs 0\.\.2") as e:
         buf.check_compatible(needed_epochs=22, **{**ok, "zca": True, "width": 128})
     msg = str(e.value)
     assert "zca" in msg and "width" in msg and "dataset" not in msg  # every mismatch, only those

@@ -1,0 +1,102 @@
+"""DM: Dataset Condensation with Distribution Matching (Zhao & Bilen, WACV 2023).
+
+No bi-level optimisation, no network training: match the *mean embedding* of each class in many
+randomly initialised networks,
+
+    min_S  E_{θ ~ P_θ, ω}  Σ_c ‖ (1/|T_c|) Σ_{x ∈ T_c} ψ_θ(A_ω(x)) − (1/|S_c|) Σ_{s ∈ S_c} ψ_θ(A_ω(s)) ‖²
+
+where ψ_θ = ``ConvNet.embed`` (the flattened feature map before the classifier) of a freshly
+initialised ConvNet — a new θ every iteration — T_c a random real batch of class c (batch_real
+images) and A_ω DSA with the same ω for both sides of class c (``dsa(·, seed=s_c, shared=True)``).
+This is an empirical maximum mean discrepancy with the random networks as the kernel's features.
+Images: SGD with lr_img = 1, momentum 0.5 (DM's settings), initialised from real images; the paper
+runs 20 000 iterations with batch_real = 256 on width 128.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..augment import default_strategy, dsa, parse_strategy
+from ..evaluate import random_real_subset
+from .common import (
+    DEFAULT_WIDTH,
+    EmbedOf,
+    check_ipc,
+    class_indices,
+    class_major_labels,
+    detached_params,
+    draw_seed,
+    embed_params,
+    measure_cost,
+    random_network,
+    sample_real,
+    to_synset,
+)
+from .dc import PIX_INITS
+
+
+def dm_loss(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """Σ_c ‖mean_b e^T_c − mean_b e^S_c‖² for per-class embeddings (e^T_c (B_c, D), e^S_c (ipc, D))."""
+    return sum((er.mean(0) - es.mean(0)).pow(2).sum() for er, es in pairs)
+
+
+def dm_set(dataset, ipc: int, iterations: int = 200, lr_img: float = 1.0, momentum: float = 0.5,
+           batch_real: int = 256, dsa_strategy: str | None = None, arch: str = "convnet", width: int = DEFAULT_WIDTH,
+           depth: int | None = None, norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu",
+           progress: bool = False):
+    """Distribution matching; dsa_strategy None → the dataset's DSA strategy, "" → none."""
+    ipc = check_ipc(dataset, ipc)
+    strategy = default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
+    parse_strategy(strategy)
+    bad = [f"{n} must be an integer >= {lo}, got {v!r}" for n, v, lo in
+           (("iterations", iterations, 0), ("batch_real", batch_real, 1))
+           if isinstance(v, bool) or not isinstance(v, int) or v < lo]
+    if pix_init not in PIX_INITS:
+        bad.append(f"pix_init must be one of {PIX_INITS}, got {pix_init!r}")
+    if not lr_img > 0:
+        bad.append(f"lr_img must be > 0, got {lr_img!r}")
+    if bad:
+        raise ValueError("invalid dm settings:\n  " + "\n  ".join(bad))
+    config = {"ipc": ipc, "iterations": iterations, "lr_img": lr_img, "momentum": momentum, "batch_real": batch_real,
+              "dsa_strategy": strategy, "arch": arch, "width": width, "depth": depth, "norm": norm,
+              "pix_init": pix_init, "seed": int(seed)}
+    with measure_cost(device) as cost:
+        gen = torch.Generator().manual_seed(int(seed))
+        K = dataset.num_classes
+        labels = class_major_labels(K, ipc, device)
+        if pix_init == "real":
+            images = random_real_subset(dataset, ipc, seed=seed)[0].to(device)
+        else:
+            images = torch.randn((K * ipc, dataset.channel, *dataset.im_size), generator=gen).to(device)
+        images = images.detach().clone().requires_grad_(True)
+        opt = torch.optim.SGD([images], lr=lr_img, momentum=momentum)
+        members = class_indices(dataset)
+        history = []
+        for _ in tqdm(range(iterations), desc="dm", disable=not progress):
+            net = random_network(dataset, gen, arch, width, depth, norm, device)  # θ ~ P_θ, frozen
+            model, params = EmbedOf(net), embed_params(detached_params(net))
+            pairs = []
+            for c in range(K):
+                xr = sample_real(dataset, members[c], batch_real, gen).to(device)
+                xs = images[c * ipc:(c + 1) * ipc]
+                if strategy:
+                    s = draw_seed(gen)
+                    xr, xs = dsa(xr, strategy, seed=s, shared=True), dsa(xs, strategy, seed=s, shared=True)
+                with torch.no_grad():
+                    er = functional_call(model, params, (xr,))  # ψ_θ(A(T_c)), (B, D)
+                pairs.append((er, functional_call(model, params, (xs,))))  # ψ_θ(A(S_c)), (ipc, D)
+            loss = dm_loss(pairs)
+            (images.grad,) = torch.autograd.grad(loss, images)
+            opt.step()
+            history.append(round(loss.item(), 5))
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(f"dm: the synthetic images became non-finite; lower lr_img (now {lr_img})")
+    prov = {"loss_history": history,
+            "init": f"{pix_init} (seed {seed})" + (", = the 'random' set of this seed" if pix_init == "real" else "")}
+    return to_synset(dataset, images, labels, "dm", config, cost, prov,
+                     arch=arch, arch_kwargs={"width": width, "depth": depth, "norm": norm})

@@ -1,0 +1,239 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Quickstart: distil Fashion-MNIST into 10 images
+#
+# **Dataset distillation by Matching Training Trajectories** (MTT, Cazenavette et al., CVPR 2022)
+# learns a tiny synthetic set $\mathcal{D}_\text{syn}$ — here **one image per class** — such that a
+# network trained *only* on it does as well as possible on the real test set.
+#
+# In this notebook you run the whole method end to end, in minutes:
+#
+# 1. train a few **experts** on the real data and record their parameter trajectories
+#    $\tau^* = (\theta^*_0, \theta^*_1, \dots, \theta^*_E)$;
+# 2. **distil**: learn the pixels and a learning rate $\alpha$ so that a student trained on the
+#    synthetic images for $N$ steps lands where an expert stood $M$ epochs later;
+# 3. **evaluate**: train fresh networks on the 10 images and test them on the real test set;
+# 4. compare with a **random real subset of the same size** — the baseline every table starts with;
+# 5. **look at** the images before and after distillation.
+#
+# The next notebooks open each stage up: `01` experts, `02` the unrolled student, `03` the
+# matching loss, `04` the outer loop, `05` evaluation, `06` long vs short range, `07` memory,
+# `08` reproduction.
+#
+# **Run time** (shipped parameters): GPU (Colab T4) about 4 min (estimate: no GPU was available to
+# measure); CPU (2 cores) about 30 min, of which 22 min train the experts (estimated from measured
+# unit costs: 26 s per expert epoch and 2.3 s per distillation iteration at width 128). With
+# `MTTLITE_CI=1` or the CI parameters of `tests/test_notebooks.py`: 40 s on 2 CPU cores, expert
+# training included (measured). On a CPU, `width = 32` and `train_epochs = 5` give a usable result
+# in about 5 min.
+
+# %%
+# Colab only: install mttlite. Anywhere else this cell does nothing (install once with
+# `pip install -e ".[notebooks]"` in a clone of the repository).
+import subprocess
+import sys
+
+MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
+    from google.colab import output as _colab_output
+
+    _colab_output.enable_custom_widget_manager()  # ipywidgets 8 in Colab
+
+# %%
+import json
+import os
+import time
+from pathlib import Path
+
+import plotly.express as px
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+from mttlite.data import load_dataset
+from mttlite.distill import preset, run
+from mttlite.evaluate import EvalProtocol, evaluate_random_real, random_real_subset
+from mttlite.experts import train_experts
+from mttlite.pipeline import make_distiller, to_synset
+
+if "google.colab" not in sys.modules:
+    # plotly.js embedded in the notebook: figures render in JupyterLab, in nbconvert's HTML and offline.
+    pio.renderers.default = "plotly_mimetype+notebook"
+
+# %% tags=["parameters"]
+# Parameters (papermill can override every one of them).
+dataset = "fashion-mnist-mini"  # the embedded 6000/1000-image Fashion-MNIST subset (no download)
+buffer_root = "runs/notebooks/buffers"  # expert buffers are cached here and shared by all notebooks
+width = 128  # ConvNet-3 width (the paper's 128)
+num_experts = 5  # experts to train (the paper uses 100)
+train_epochs = 10  # epochs per expert, E
+ipc = 1  # images per class
+syn_steps = 20  # N: student steps per iteration
+expert_epochs = 2  # M: expert epochs the student must cover
+max_start_epoch = 5  # T+: start epochs t are drawn from 0 .. T+-1
+iterations = 200  # outer iterations (the paper: 5000)
+lr_img = 100.0  # learning rate of the pixels
+lr_lr = 1e-6  # learning rate of alpha
+lr_teacher = 0.01  # initial alpha, the experts learning rate
+eval_epochs = 300  # epochs of each evaluation network
+num_nets = 3  # evaluation networks (mean +- std over them)
+seed = 0
+results_path = None  # where to write the key results as JSON (None: don't)
+
+# %%
+# MTTLITE_CI=1 shrinks the notebook to CI size (used by `make test`'s nbval run; see notebooks/README.md).
+if os.environ.get("MTTLITE_CI") == "1":
+    width, num_experts, train_epochs, iterations, syn_steps = 16, 2, 3, 20, 10
+    max_start_epoch, expert_epochs, eval_epochs, num_nets = 2, 2, 50, 2
+    buffer_root = "runs/notebooks-ci/buffers"
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(seed)  # the library itself only uses explicit torch.Generator objects
+buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
+print(f"device: {device}, torch {torch.__version__}; expert buffer: {buffer_dir}")
+
+# %% [markdown]
+# ## 1. The real data
+#
+# The data set lives on the device as normalised tensors $x = (p - \mu)/\sigma$ of shape
+# $(N, C, H, W)$.
+
+# %%
+ds = load_dataset(dataset, device=device)
+print(ds)
+print("classes:", ", ".join(ds.class_names))
+
+# %% [markdown]
+# ## 2. Experts
+#
+# Each expert is a ConvNet-3 trained with plain SGD (lr 0.01, DSA augmentation) on the real data;
+# its parameters are saved after every epoch. The buffer is **resumable**: complete experts are
+# skipped, so re-running this cell (or another notebook with the same settings) costs nothing.
+
+# %%
+t0 = time.perf_counter()
+buffer = train_experts(ds, buffer_dir, num_experts=num_experts, train_epochs=train_epochs, width=width,
+                       seed=seed, device=device)
+print(buffer, f"({time.perf_counter() - t0:.0f} s)")
+expert_acc = [buffer.metrics(i)["test_acc"][-1] for i in range(len(buffer))]
+print("experts' final test accuracy:", ", ".join(f"{100 * a:.1f}%" for a in expert_acc))
+
+# %% [markdown]
+# ## 3. Distil
+#
+# Every iteration samples an expert and a start epoch $t < T^+$, trains a student for $N$ steps
+# from $\theta^*_t$ on the synthetic images with learning rate $\alpha$, and measures
+#
+# $$\mathcal{L} = \frac{\lVert \hat\theta_{t+N} - \theta^*_{t+M} \rVert^2}{\lVert \theta^*_t - \theta^*_{t+M} \rVert^2}.$$
+#
+# The gradient of $\mathcal{L}$ flows back through all $N$ student steps into the pixels and into
+# $\alpha$. The synthetic images start as random real images of each class.
+
+# %%
+config = preset("demo", dataset=dataset, ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs,
+                max_start_epoch=max_start_epoch, iterations=iterations, lr_img=lr_img, lr_lr=lr_lr,
+                lr_teacher=lr_teacher, seed=seed)
+distiller = make_distiller(config, buffer, dataset=ds, device=device)
+initial_images = distiller.images.detach().clone()
+t0 = time.perf_counter()
+run(distiller, progress=True)
+distill_seconds = time.perf_counter() - t0
+synset = to_synset(distiller, buffer)
+losses = distiller.history.loss
+print(f"{iterations} iterations in {distill_seconds:.0f} s; learned alpha = {synset.syn_lr:.4g}")
+
+# %%
+k = max(1, len(losses) // 10)  # moving average over a tenth of the run
+smooth = torch.tensor(losses).unfold(0, k, 1).mean(1).tolist() if len(losses) >= k else losses
+fig = go.Figure()
+fig.add_scatter(y=losses, mode="lines", name="L (one iteration)", opacity=0.4)
+fig.add_scatter(x=list(range(k - 1, len(losses))), y=smooth, mode="lines", name=f"moving average ({k})")
+fig.update_layout(title="Matching loss during distillation", xaxis_title="iteration", yaxis_title="L", height=350)
+fig.show()
+
+# %% [markdown]
+# ## 4. Evaluate, next to a random real subset of the same size
+#
+# Fresh, randomly initialised ConvNets are trained on the 10 synthetic images only (with the learned
+# $\alpha$ as learning rate) and tested on the real test set. The baseline trains the same networks,
+# the same way, on 10 random real images (one per class, learning rate 0.01).
+
+# %%
+protocol = EvalProtocol(arch="convnet", width=width, epochs=eval_epochs, num_nets=num_nets, seed=seed)
+print(protocol.describe())
+res_mtt = synset.evaluate(ds, protocol, progress=False)
+res_random = evaluate_random_real(ds, ipc, protocol, seed=seed, progress=False)
+print(f"MTT distilled : {res_mtt}")
+print(f"random real   : {res_random}")
+print(f"chance        : {100 / ds.num_classes:.1f} %")
+
+# %%
+fig = go.Figure(go.Bar(
+    x=["random real", "MTT distilled"], y=[100 * res_random.mean, 100 * res_mtt.mean],
+    error_y={"type": "data", "array": [100 * res_random.std, 100 * res_mtt.std]},
+    marker_color=["#999999", "#1f77b4"]))
+fig.add_hline(y=100 / ds.num_classes, line_dash="dot", annotation_text="chance")
+fig.update_layout(title=f"Test accuracy, {ipc} image(s) per class, {num_nets} fresh ConvNets",
+                  yaxis_title="test accuracy (%)", height=350)
+fig.show()
+
+# %% [markdown]
+# ## 5. Look at the images
+#
+# Top: the random real images the synthetic set started from. Bottom: the same images after
+# distillation. (Shown in pixel space, $p = x\sigma + \mu$, clamped to $[0, 1]$.)
+
+
+# %%
+def show_images(images, labels, title):
+    """A row of images titled with their class names; images: (n, C, H, W) in the model's input space."""
+    pix = ds.denormalize(images.detach().to(ds.device)).cpu()  # (n, C, H, W) in [0, 1]
+    arr = pix.permute(0, 2, 3, 1).numpy()
+    arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+    fig = px.imshow(arr, facet_col=0, facet_col_wrap=min(10, len(arr)), binary_string=True,
+                    facet_col_spacing=0.01, title=title)
+    names = [ds.class_names[int(y)] for y in labels]
+    fig.for_each_annotation(lambda a: a.update(text=names[int(a.text.split("=")[1])]))
+    fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
+    fig.update_layout(height=200 + 120 * ((len(arr) - 1) // 10), margin={"t": 60, "b": 10, "l": 10, "r": 10})
+    fig.show()
+
+
+show_images(initial_images, distiller.labels, "before: random real images (the initialisation)")
+show_images(synset.images, synset.labels, f"after {iterations} iterations of MTT")
+real_images, real_labels = random_real_subset(ds, ipc, seed=seed)
+show_images(real_images, real_labels, "the random real baseline")
+
+# %% [markdown]
+# ## What to read next
+#
+# * The images change slowly and stay recognisable: the pixel learning rate is large
+#   (`lr_img = 100`) but the matching loss is a ratio of small squared distances.
+# * The learned $\alpha$ is part of the result: evaluation trains with it.
+# * More iterations, more experts and larger `ipc` help; `08_reproduction` runs the full settings.
+
+# %%
+results = {
+    "loss_first": sum(losses[: max(1, len(losses) // 4)]) / max(1, len(losses) // 4),
+    "loss_last": sum(losses[-max(1, len(losses) // 4):]) / max(1, len(losses) // 4),
+    "iterations": len(losses),
+    "syn_lr": synset.syn_lr,
+    "images_shape": list(synset.images.shape),
+    "pixels_changed": float((synset.images.cpu() - initial_images.cpu()).abs().max()),
+    "mtt_acc": res_mtt.mean,
+    "random_acc": res_random.mean,
+    "num_classes": ds.num_classes,
+    "expert_acc": expert_acc,
+    "distill_seconds": distill_seconds,
+}
+print(json.dumps(results, indent=1))
+if results_path:
+    Path(results_path).write_text(json.dumps(results, indent=1))

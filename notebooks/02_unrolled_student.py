@@ -1,0 +1,295 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · The unrolled student
+#
+# Stage 2 of MTT. Pick an expert and a start epoch $t$. A **student** network starts *on* the
+# expert's trajectory, $\hat\theta_0 = \theta^*_t$, and trains on the synthetic set for $N$ plain SGD
+# steps with learning rate $\alpha$:
+#
+# $$\hat\theta_{n+1} = \hat\theta_n - \alpha\, \nabla_\theta\, \ell\big(\mathcal{A}_{\omega_n}(x_{b_n}); \hat\theta_n\big), \qquad n = 0, \dots, N-1,$$
+#
+# where $x_{b_n}$ is the $n$-th mini-batch of synthetic images (`batch_syn` of them; all of them by
+# default) and $\mathcal{A}_{\omega_n}$ a DSA augmentation. MTT wants $\hat\theta_N$ close to
+# $\theta^*_{t+M}$: $N$ student steps on a few synthetic images should do what $M$ epochs on the whole
+# real set did.
+#
+# What you will learn:
+#
+# * one student step written out by hand, checked against the library and against `torch.optim.SGD`;
+# * the `StepPlan`: all randomness of an unroll drawn up front, so it can be replayed exactly;
+# * the student's path drawn in the same PCA projection as the expert's, before and after a short
+#   distillation; widgets for $N$, $\alpha$ and $t$.
+#
+# **Run time** (shipped parameters): GPU under 1 min once the experts exist (estimate); CPU (2
+# cores) about 5 min, mostly the short distillation (estimated). CI parameters: 13 s on 2 CPU cores
+# (measured).
+
+# %%
+# Colab only: install mttlite. Anywhere else this cell does nothing.
+import subprocess
+import sys
+
+MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
+    from google.colab import output as _colab_output
+
+    _colab_output.enable_custom_widget_manager()
+
+# %%
+import copy
+import json
+import os
+from pathlib import Path
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+import torch.nn.functional as F
+from IPython.display import display
+from torch.func import functional_call
+
+from mttlite.augment import default_strategy, dsa
+from mttlite.data import load_dataset
+from mttlite.distill import preset, run
+from mttlite.evaluate import random_real_subset
+from mttlite.experts import train_experts
+from mttlite.matching import matching_loss
+from mttlite.params import ParamSpec
+from mttlite.pipeline import make_distiller, network_for
+from mttlite.student import StepPlan, make_plan, unroll
+
+if "google.colab" not in sys.modules:
+    pio.renderers.default = "plotly_mimetype+notebook"
+
+# %% tags=["parameters"]
+dataset = "fashion-mnist-mini"
+buffer_root = "runs/notebooks/buffers"  # shared expert cache
+width = 128
+num_experts = 5
+train_epochs = 10
+ipc = 1  # images per class of the synthetic set
+expert = 0  # which expert trajectory
+start_epoch = 2  # t
+expert_epochs = 2  # M
+syn_steps = 20  # N
+syn_lr = 0.01  # alpha
+batch_syn = None  # images per student step (None: all)
+distill_iterations = 100  # a short distillation, to compare the path before and after
+seed = 0
+results_path = None
+
+# %%
+if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+    width, num_experts, train_epochs, start_epoch, syn_steps, distill_iterations = 16, 2, 3, 1, 10, 10
+    buffer_root = "runs/notebooks-ci/buffers"
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(seed)
+buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
+print(f"device: {device}; expert buffer: {buffer_dir}")
+
+
+# %%
+def live(draw, **controls):
+    """A widget: ``draw(**values)`` re-runs whenever a control changes. The figure above it is the static draw."""
+    out = widgets.Output()
+
+    def redraw(_change=None):
+        with out:
+            out.clear_output(wait=True)
+            draw(**{name: c.value for name, c in controls.items()})
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    note = widgets.HTML("<i>Move a control to redraw; the static figure above uses the notebook's parameters.</i>")
+    return widgets.VBox([widgets.HBox(list(controls.values())), note, out])
+
+
+# %% [markdown]
+# ## 1. Experts, network and a synthetic set
+#
+# The experts come from the shared buffer (trained by notebook `00`/`01` or right here). The
+# synthetic set is, for now, just `ipc` random real images per class — exactly how MTT
+# initialises it.
+
+# %%
+ds = load_dataset(dataset, device=device)
+buffer = train_experts(ds, buffer_dir, num_experts=num_experts, train_epochs=train_epochs, width=width,
+                       seed=seed, device=device, progress=False)
+E = buffer.epochs[-1]
+if start_epoch + expert_epochs > E:
+    raise ValueError(f"start_epoch + expert_epochs = {start_epoch + expert_epochs} > the buffer's last epoch {E}")
+net = network_for(buffer, device)  # the student's architecture, from the buffer's metadata
+spec = ParamSpec.from_module(net)
+images, labels = random_real_subset(ds, ipc, seed=seed)  # (K·ipc, C, H, W), (K·ipc,)
+strategy = default_strategy(ds.name)
+theta_start = buffer.flat(expert, start_epoch, device=device)  # θ*_t, (P,)
+theta_target = buffer.flat(expert, start_epoch + expert_epochs, device=device)  # θ*_{t+M}
+print(f"P = {spec.num_params:,}; synthetic set {tuple(images.shape)}; DSA strategy {strategy!r}")
+
+# %% [markdown]
+# ## 2. The plan: all the randomness of an unroll, drawn first
+#
+# Which images form each step's batch and which augmentation each batch gets are drawn *before*
+# the unroll from one `torch.Generator` into a `StepPlan`. Replaying a plan gives bit-identical
+# steps — the exact meta-gradient (notebook `07`) relies on that.
+
+# %%
+plan = make_plan(len(images), syn_steps, batch_syn, torch.Generator().manual_seed(seed))
+print(f"N = {plan.syn_steps} steps; step 0 uses images {plan.batches[0].tolist()} with augmentation seed {plan.aug_seeds[0]}")
+
+# %% [markdown]
+# ## 3. One student step, by hand
+#
+# The network is a pure function of a *flat* parameter vector: `spec.unflatten(θ)` gives a
+# name-keyed dict of views, and `torch.func.functional_call` runs the network with it. So one step is
+#
+# $$g_0 = \nabla_\theta\, \ell\big(f(\mathcal{A}_{\omega_0}(x_{b_0}); \hat\theta_0),\, y_{b_0}\big), \qquad \hat\theta_1 = \hat\theta_0 - \alpha g_0 .$$
+
+# %%
+idx, aug_seed = plan.batches[0], plan.aug_seeds[0]
+x = dsa(images[idx], strategy, seed=aug_seed)  # A_ω0(x_b0): (B, C, H, W)
+theta0 = theta_start.clone().requires_grad_(True)  # θ̂_0 = θ*_t
+logits = functional_call(net, spec.unflatten(theta0), (x,))  # f(A(x); θ̂_0): (B, K)
+loss = F.cross_entropy(logits, labels[idx])  # ℓ
+(g0,) = torch.autograd.grad(loss, theta0)  # g_0: (P,)
+theta1_by_hand = theta0.detach() - syn_lr * g0  # θ̂_1 = θ̂_0 − α g_0
+
+# the library, replaying the same first step of the plan
+one_step = StepPlan(plan.batches[:1], plan.aug_seeds[:1])
+theta1_library = unroll(net, spec, theta_start, images, labels, syn_lr, one_step, strategy, create_graph=False).theta
+torch.testing.assert_close(theta1_by_hand, theta1_library.detach())
+
+# an independent reference: a real module with its parameters set to θ*_t, and torch.optim.SGD
+ref = copy.deepcopy(net)
+with torch.no_grad():
+    for name, p in ref.named_parameters():
+        p.copy_(spec.unflatten(theta_start)[name])
+opt = torch.optim.SGD(ref.parameters(), lr=syn_lr)
+F.cross_entropy(ref(x), labels[idx]).backward()
+opt.step()
+theta1_sgd = spec.flatten(dict(ref.named_parameters())).detach()
+torch.testing.assert_close(theta1_by_hand, theta1_sgd)
+diff_library = float((theta1_by_hand - theta1_library.detach()).abs().max())
+diff_sgd = float((theta1_by_hand - theta1_sgd).abs().max())
+print(f"student loss ℓ = {loss.item():.4f}; ‖g_0‖ = {g0.norm():.4f}")
+print(f"max |by hand − library| = {diff_library:.2e}; max |by hand − torch.optim.SGD| = {diff_sgd:.2e}")
+
+# %% [markdown]
+# ## 4. N steps, and where they lead
+#
+# `unroll(..., return_path=True)` returns every $\hat\theta_n$. For drawing we project them with the
+# PCA of *this expert's* trajectory $\theta^*_0, \dots, \theta^*_E$ (see notebook `01`), so the
+# student's path and the expert's share one picture. Next to it, the quantity MTT cares about: the
+# normalised distance to the target after $n$ steps,
+#
+# $$L(n) = \frac{\lVert\hat\theta_n - \theta^*_{t+M}\rVert^2}{\lVert\theta^*_t - \theta^*_{t+M}\rVert^2}, \qquad L(0) = 1 .$$
+
+# %%
+traj = torch.stack([buffer.flat(expert, e, device=device) for e in buffer.epochs]).double()  # (E+1, P)
+mu = traj.mean(0, keepdim=True)
+_, _, Vh = torch.linalg.svd(traj - mu, full_matrices=False)
+V = Vh[: min(3, E)].T  # (P, q)
+
+
+def project(thetas):
+    """(n, P) → (n, q) coordinates in the expert's PCA basis."""
+    return ((torch.stack(list(thetas)).double() - mu) @ V).float().cpu()
+
+
+def student_path(images, N, alpha, t, seed_=seed):
+    """θ̂_0 … θ̂_N from θ*_t (no graph: we only look) and L(n) for n = 0 … N."""
+    th0 = buffer.flat(expert, t, device=device)
+    target = buffer.flat(expert, t + expert_epochs, device=device)
+    p = make_plan(len(images), N, batch_syn, torch.Generator().manual_seed(seed_))
+    res = unroll(net, spec, th0, images.detach(), labels, alpha, p, strategy, create_graph=False, return_path=True)
+    L = [float(matching_loss(th, th0, target)) for th in res.path]
+    return res, L
+
+
+# %% [markdown]
+# A short distillation (notebook `04` explains it) gives a second synthetic set to compare with.
+
+# %%
+config = preset("demo", dataset=dataset, ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs,
+                max_start_epoch=E - expert_epochs + 1, iterations=distill_iterations, seed=seed)
+distiller = make_distiller(config, buffer, dataset=ds, device=device)
+run(distiller, progress=False)
+distilled_images = distiller.images.detach()
+print(f"distilled {distill_iterations} iterations; loss {distiller.history.loss[0]:.3f} → {distiller.history.loss[-1]:.3f}")
+
+
+# %%
+def draw(N=syn_steps, alpha=syn_lr, t=start_epoch):
+    sets = {"random real images": images, f"after {distill_iterations} distillation iterations": distilled_images}
+    expert_xy = project(traj)
+    fig = go.Figure()
+    fig.add_scatter(x=expert_xy[:, 0], y=expert_xy[:, 1], mode="lines+markers+text", name=f"expert {expert}",
+                    text=[f"θ*{e}" for e in buffer.epochs], textposition="top center", line={"color": "black"})
+    fig.add_scatter(x=[expert_xy[t + expert_epochs, 0]], y=[expert_xy[t + expert_epochs, 1]], mode="markers",
+                    marker={"size": 16, "symbol": "star", "color": "gold"}, name="target θ*_{t+M}")
+    curves = go.Figure()
+    out = {}
+    for (name, imgs), color in zip(sets.items(), ["#d62728", "#1f77b4"]):
+        res, L = student_path(imgs, N, alpha, t)
+        xy = project(res.path)
+        fig.add_scatter(x=xy[:, 0], y=xy[:, 1], mode="lines+markers", marker={"size": 4, "color": color},
+                        name=f"student on {name}")
+        curves.add_scatter(y=L, mode="lines+markers", name=name, marker={"color": color})
+        out[name] = (res, L)
+    fig.update_layout(title=f"Student path: N = {N} steps from θ*_{t}, α = {alpha:.3g}, target θ*_{t + expert_epochs}",
+                      xaxis_title="PC1 of the expert's trajectory", yaxis_title="PC2", height=480)
+    curves.add_hline(y=1.0, line_dash="dot", annotation_text="where it started")
+    curves.update_layout(title="Normalised distance to the target, L(n)", xaxis_title="student step n",
+                         yaxis_title="L(n)", height=350)
+    fig.show()
+    curves.show()
+    return out
+
+
+paths = draw()
+
+# %% [markdown]
+# The student takes $N$ steps on a handful of images while the expert took $M$ epochs of mini-batches
+# on thousands. With random real images the student does not head for $\theta^*_{t+M}$ well; the
+# distilled images are *optimised* to bring $L(N)$ down. A larger $\alpha$ moves further per step, and
+# too large overshoots; later start epochs $t$ have smaller expert steps to match.
+#
+# Change $N$, $\alpha$ and $t$:
+
+# %%
+display(live(
+    draw,
+    N=widgets.IntSlider(value=syn_steps, min=1, max=max(60, syn_steps), description="N (syn_steps)",
+                        continuous_update=False),
+    alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α (syn_lr)",
+                                 continuous_update=False),
+    t=widgets.IntSlider(value=start_epoch, min=0, max=E - expert_epochs, description="t (start epoch)",
+                        continuous_update=False),
+))
+
+# %%
+(res_real, L_real), (res_dist, L_dist) = paths.values()
+results = {
+    "one_step_diff_library": diff_library,
+    "one_step_diff_sgd": diff_sgd,
+    "path_len": len(res_real.path),
+    "num_params": spec.num_params,
+    "student_losses": res_real.losses,
+    "L_real": L_real,
+    "L_distilled": L_dist,
+    "distill_loss_first": distiller.history.loss[0],
+    "distill_loss_last": distiller.history.loss[-1],
+}
+print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=1))
+if results_path:
+    Path(results_path).write_text(json.dumps(results, indent=1))

@@ -1,0 +1,286 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · The matching loss
+#
+# Stage 3 of MTT. After $N$ student steps from $\theta^*_t$, how far is the student from where the
+# expert stood $M$ epochs later? The paper's answer (Eq. 2) is a **normalised** squared distance:
+#
+# $$\mathcal{L} = \frac{\lVert\hat\theta_{t+N} - \theta^*_{t+M}\rVert^2}{\lVert\theta^*_t - \theta^*_{t+M}\rVert^2}.$$
+#
+# What you will learn:
+#
+# * why the denominator is there (expert steps shrink by orders of magnitude over training, and
+#   layers differ in scale);
+# * the loss in three lines, checked against `mttlite.matching.matching_loss`, and its gradient
+#   $\partial\mathcal{L}/\partial\hat\theta_N$, which starts the backward pass of notebook `07`;
+# * which layers the loss comes from (`matching_breakdown`);
+# * distance-to-target curves $L(n)$ for several $M$; widgets for $M$ and $N$ with the loss
+#   recomputed live.
+#
+# **Run time** (shipped parameters): GPU under 1 min once the experts exist (estimate); CPU (2
+# cores) about 1-2 min (estimated). CI parameters: 7 s on 2 CPU cores (measured).
+
+# %%
+# Colab only: install mttlite. Anywhere else this cell does nothing.
+import subprocess
+import sys
+
+MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
+    from google.colab import output as _colab_output
+
+    _colab_output.enable_custom_widget_manager()
+
+# %%
+import json
+import os
+from pathlib import Path
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+from IPython.display import display
+from plotly.subplots import make_subplots
+
+from mttlite.augment import default_strategy
+from mttlite.data import load_dataset
+from mttlite.evaluate import random_real_subset
+from mttlite.experts import train_experts
+from mttlite.matching import matching_breakdown, matching_loss
+from mttlite.params import ParamSpec
+from mttlite.pipeline import network_for
+from mttlite.student import make_plan, unroll
+
+if "google.colab" not in sys.modules:
+    pio.renderers.default = "plotly_mimetype+notebook"
+
+# %% tags=["parameters"]
+dataset = "fashion-mnist-mini"
+buffer_root = "runs/notebooks/buffers"  # shared expert cache
+width = 128
+num_experts = 5
+train_epochs = 10
+ipc = 1
+expert = 0
+start_epoch = 2  # t
+expert_epochs = 2  # M
+syn_steps = 20  # N
+syn_lr = 0.01  # alpha
+seed = 0
+results_path = None
+
+# %%
+if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+    width, num_experts, train_epochs, start_epoch, syn_steps = 16, 2, 3, 1, 10
+    buffer_root = "runs/notebooks-ci/buffers"
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(seed)
+buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
+print(f"device: {device}; expert buffer: {buffer_dir}")
+
+
+# %%
+def live(draw, **controls):
+    """A widget: ``draw(**values)`` re-runs whenever a control changes. The figure above it is the static draw."""
+    out = widgets.Output()
+
+    def redraw(_change=None):
+        with out:
+            out.clear_output(wait=True)
+            draw(**{name: c.value for name, c in controls.items()})
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    note = widgets.HTML("<i>Move a control to redraw; the static figure above uses the notebook's parameters.</i>")
+    return widgets.VBox([widgets.HBox(list(controls.values())), note, out])
+
+
+# %%
+ds = load_dataset(dataset, device=device)
+buffer = train_experts(ds, buffer_dir, num_experts=num_experts, train_epochs=train_epochs, width=width,
+                       seed=seed, device=device, progress=False)
+E = buffer.epochs[-1]
+net = network_for(buffer, device)
+spec = ParamSpec.from_module(net)
+images, labels = random_real_subset(ds, ipc, seed=seed)  # a synthetic set, not yet distilled
+strategy = default_strategy(ds.name)
+traj = torch.stack([buffer.flat(expert, e, device=device) for e in buffer.epochs])  # (E+1, P)
+print(buffer)
+
+# %% [markdown]
+# ## 1. Why normalise?
+#
+# The denominator $D(t) = \lVert\theta^*_t - \theta^*_{t+M}\rVert^2$ is how far the expert itself moved in
+# $M$ epochs. It shrinks as training goes on, and the layers contribute to it very unequally:
+
+# %%
+M_all = list(range(1, E + 1))
+fig = make_subplots(rows=1, cols=2, subplot_titles=("D(t) = ‖θ*_t − θ*_{t+M}‖² (log scale)",
+                                                    f"share of D(t) per parameter tensor, M = {expert_epochs}"))
+for M in M_all[:3]:
+    D = [float((traj[t] - traj[t + M]).pow(2).sum()) for t in range(E - M + 1)]
+    fig.add_scatter(x=list(range(E - M + 1)), y=D, mode="lines+markers", name=f"M = {M}", row=1, col=1)
+ts = list(range(E - expert_epochs + 1))
+for name, sl in spec.slices().items():
+    share = [float((traj[t, sl] - traj[t + expert_epochs, sl]).pow(2).sum() / (traj[t] - traj[t + expert_epochs]).pow(2).sum())
+             for t in ts]
+    fig.add_bar(x=ts, y=share, name=name, row=1, col=2, showlegend=False, hovertext=name)
+fig.update_yaxes(type="log", row=1, col=1)
+fig.update_xaxes(title_text="start epoch t", row=1, col=1)
+fig.update_xaxes(title_text="start epoch t", row=1, col=2)
+fig.update_layout(barmode="stack", height=420, title="The expert's own movement")
+fig.show()
+
+# %% [markdown]
+# Now the student, from every start epoch $t$, with the same $N$ and $\alpha$. The *raw* distance
+# $\lVert\hat\theta_{t+N} - \theta^*_{t+M}\rVert^2$ is dominated by early $t$, where everything is large;
+# averaged over random $t$ (as the outer loop does) the late epochs would hardly count. The
+# normalised $\mathcal{L}$ puts every $t$ on the same scale: $\mathcal{L} = 1$ means "no closer than
+# where it started", $\mathcal{L} = 0$ means "on target".
+
+
+# %%
+def student_end(t, N, alpha, M=expert_epochs, path=False):
+    p = make_plan(len(images), N, None, torch.Generator().manual_seed(seed))
+    return unroll(net, spec, traj[t], images, labels, alpha, p, strategy, create_graph=False, return_path=path)
+
+
+raw, norm = [], []
+for t in ts:
+    thN = student_end(t, syn_steps, syn_lr).theta.detach()
+    raw.append(float((thN - traj[t + expert_epochs]).pow(2).sum()))
+    norm.append(float(matching_loss(thN, traj[t], traj[t + expert_epochs])))
+fig = make_subplots(rows=1, cols=2, subplot_titles=("raw ‖θ̂_{t+N} − θ*_{t+M}‖²", "normalised L"))
+fig.add_scatter(x=ts, y=raw, mode="lines+markers", name="raw", row=1, col=1)
+fig.add_scatter(x=ts, y=norm, mode="lines+markers", name="L", row=1, col=2)
+fig.update_xaxes(title_text="start epoch t")
+fig.update_layout(height=350, showlegend=False, title=f"Student, N = {syn_steps}, α = {syn_lr}, M = {expert_epochs}")
+fig.show()
+
+# %% [markdown]
+# ## 2. The loss in three lines, and its gradient
+#
+# With $\hat\theta_N$ from the student and the expert's $\theta^*_t$, $\theta^*_{t+M}$ (flat vectors):
+
+# %%
+t, M = start_epoch, expert_epochs
+theta_start, theta_target = traj[t], traj[t + M]  # θ*_t, θ*_{t+M}: (P,)
+theta_N = student_end(t, syn_steps, syn_lr).theta.detach().requires_grad_(True)  # θ̂_{t+N}
+
+num = (theta_N - theta_target).pow(2).sum()  # ‖θ̂_{t+N} − θ*_{t+M}‖²
+den = (theta_start - theta_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖²
+L_by_hand = num / den
+L_library = matching_loss(theta_N, theta_start, theta_target)
+torch.testing.assert_close(L_by_hand, L_library)
+
+# ∂L/∂θ̂_N = 2 (θ̂_N − θ*_{t+M}) / ‖θ*_t − θ*_{t+M}‖²   (λ_N, where the exact meta-gradient's backward pass starts)
+(grad_autograd,) = torch.autograd.grad(L_library, theta_N)
+torch.testing.assert_close(grad_autograd, 2 * (theta_N.detach() - theta_target) / den)
+print(f"L = {L_by_hand.item():.5f} (by hand) = {L_library.item():.5f} (library)")
+
+# %% [markdown]
+# ## 3. Which layers does the loss come from?
+#
+# `matching_breakdown` splits $\mathcal{L}$ over the parameter tensors $\ell$:
+#
+# * **contribution** $= \lVert\hat\theta_N[\ell] - \theta^*_{t+M}[\ell]\rVert^2 / \lVert\theta^*_t - \theta^*_{t+M}\rVert^2$ — these sum to $\mathcal{L}$;
+# * **normalised** $= \lVert\hat\theta_N[\ell] - \theta^*_{t+M}[\ell]\rVert^2 / \lVert\theta^*_t[\ell] - \theta^*_{t+M}[\ell]\rVert^2$ — the layer's own $\mathcal{L}$ (1 = no progress on this layer);
+# * **expert share** — the layer's share of the expert's own movement.
+
+
+# %%
+def draw_breakdown(bd, title):
+    names = list(bd)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("contribution to L (sums to L)", "per-layer normalised L"))
+    fig.add_bar(x=names, y=[bd[n]["contribution"] for n in names], name="contribution", row=1, col=1)
+    fig.add_bar(x=names, y=[bd[n]["expert_share"] for n in names], name="expert share", row=1, col=1, opacity=0.5)
+    fig.add_bar(x=names, y=[bd[n]["normalised"] for n in names], name="normalised", row=1, col=2)
+    fig.add_hline(y=1.0, line_dash="dot", row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_layout(title=title, height=420, barmode="group")
+    fig.show()
+
+
+bd = matching_breakdown(spec, theta_N.detach(), theta_start, theta_target)
+contrib_sum = sum(v["contribution"] for v in bd.values())
+torch.testing.assert_close(contrib_sum, L_library.item(), rtol=1e-4, atol=1e-6)
+draw_breakdown(bd, f"L = {L_library.item():.4f} at t = {t}, M = {M}, N = {syn_steps}")
+
+# %% [markdown]
+# A layer the expert hardly moved can have a per-layer $L$ far above 1 (note the log scale) and still
+# contribute almost nothing to $\mathcal{L}$: with one *global* denominator each layer counts in
+# proportion to how much the expert moved it. Per-layer normalisation would let such layers dominate.
+
+# %% [markdown]
+# ## 4. Distance-to-target curves
+#
+# Along the student's path, $L_M(n) = \lVert\hat\theta_n - \theta^*_{t+M}\rVert^2 / \lVert\theta^*_t - \theta^*_{t+M}\rVert^2$ for
+# several $M$. Every curve starts at 1. Where a curve bottoms out tells you how many student steps
+# on this set "are worth" $M$ expert epochs — the long-range match MTT optimises (notebook `06`).
+
+
+# %%
+def draw_curves(N=syn_steps, M=expert_epochs, alpha=syn_lr, t=start_epoch):
+    path = student_end(t, N, alpha, path=True).path
+    Ms = sorted({m for m in (1, 2, 3, M) if t + m <= E})
+    fig = go.Figure()
+    curves = {}
+    for m in Ms:
+        L = [float(matching_loss(th, traj[t], traj[t + m])) for th in path]
+        curves[m] = L
+        fig.add_scatter(y=L, mode="lines+markers", name=f"M = {m}", line={"width": 4 if m == M else 1.5})
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title=f"L_M(n) from t = {t}, α = {alpha:.3g}; the loss used is L_M(N) = {curves[M][-1]:.4f}",
+                      xaxis_title="student step n", yaxis_title="L_M(n)", height=400)
+    fig.show()
+    return curves
+
+
+curves = draw_curves()
+
+# %% [markdown]
+# ## 5. Try it: $M$ and $N$ (and $\alpha$, $t$), loss recomputed live
+
+# %%
+def draw_live(M, N, alpha, t):
+    if t + M > E:
+        print(f"t + M = {t + M} is beyond the buffer's last epoch {E}: lower t or M")
+        return
+    c = draw_curves(N, M, alpha, t)
+    thN = student_end(t, N, alpha).theta.detach()
+    draw_breakdown(matching_breakdown(spec, thN, traj[t], traj[t + M]), f"L = {c[M][-1]:.4f}  (t = {t}, M = {M}, N = {N})")
+
+
+display(live(
+    draw_live,
+    M=widgets.IntSlider(value=expert_epochs, min=1, max=E, description="M (expert_epochs)", continuous_update=False),
+    N=widgets.IntSlider(value=syn_steps, min=1, max=max(80, syn_steps), description="N (syn_steps)",
+                        continuous_update=False),
+    alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α", continuous_update=False),
+    t=widgets.IntSlider(value=start_epoch, min=0, max=E - 1, description="t", continuous_update=False),
+))
+
+# %%
+results = {
+    "L": L_library.item(),
+    "hand_vs_library": abs(L_by_hand.item() - L_library.item()),
+    "contribution_sum": contrib_sum,
+    "layers": list(bd),
+    "raw": raw,
+    "normalised": norm,
+    "expert_D": [float((traj[t_] - traj[t_ + expert_epochs]).pow(2).sum()) for t_ in ts],
+    "curves": {str(m): v for m, v in curves.items()},
+}
+print(json.dumps({k: results[k] for k in ("L", "hand_vs_library", "contribution_sum")}, indent=1))
+if results_path:
+    Path(results_path).write_text(json.dumps(results, indent=1))

@@ -1,0 +1,235 @@
+"""The notebooks, executed headless with papermill at CI size, and the .py/.ipynb pairs.
+
+Every notebook writes the values it computed to ``results_path`` (a JSON file); the tests assert on
+those values (loss went down, accuracy above chance, by-hand code equals the library, shapes), not
+merely that the notebook ran. The kernel is this interpreter (``sys.executable``), registered in a
+temporary Jupyter data directory put first on ``JUPYTER_PATH``, so it works from a fresh clone
+after ``pip install -e .[test,notebooks]`` whatever kernels the machine has.
+
+All notebooks share one expert buffer (2 experts × 3 epochs, width 16), trained by the first
+notebook that needs it. Kernels run with OMP_NUM_THREADS=1 unless the variable is set.
+Total: about 3 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+papermill = pytest.importorskip("papermill")
+jupytext = pytest.importorskip("jupytext")
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(p.stem for p in NB_DIR.glob("[0-9][0-9]_*.py"))
+KERNEL = "mttlite-nbtest"
+CHANCE = 0.1  # 10 classes
+
+# The CI size: the experts every notebook shares (must be identical for the buffer to be shared).
+EXPERTS = {"width": 16, "num_experts": 2, "train_epochs": 3}
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory):
+    """A kernelspec for this very interpreter, first on JUPYTER_PATH; MTTLITE_CI unset (we pass sizes)."""
+    data = tmp_path_factory.mktemp("jupyter")
+    spec = data / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "mttlite tests", "language": "python",
+        # one thread unless told otherwise: several torch processes sharing 2 cores with 2 OpenMP
+        # threads each run many times slower than with one
+        "env": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    }))
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "MTTLITE_CI")}
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(data)] + ([saved["JUPYTER_PATH"]] if saved["JUPYTER_PATH"] else []))
+    os.environ.pop("MTTLITE_CI", None)
+    yield KERNEL
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def buffer_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("buffers"))
+
+
+def execute(name: str, tmp_path: Path, kernel: str, buffer_root: str | None, **params) -> dict:
+    """Run notebooks/<name>.ipynb with papermill in tmp_path; return the JSON it recorded."""
+    results = tmp_path / f"{name}.json"
+    params = {**params, "results_path": str(results)}
+    if buffer_root is not None:
+        params = {**EXPERTS, "buffer_root": buffer_root, **params}
+    papermill.execute_notebook(str(NB_DIR / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
+                               parameters=params, kernel_name=kernel, cwd=str(tmp_path), progress_bar=False)
+    return json.loads(results.read_text())
+
+
+# -- the pairs ----------------------------------------------------------------------------------------
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def test_notebook_list():
+    assert NOTEBOOKS == ["00_quickstart", "01_expert_trajectories", "02_unrolled_student", "03_matching_loss",
+                         "04_learning_alpha_and_pixels", "05_evaluation", "06_long_vs_short_range",
+                         "07_memory_and_speed", "08_reproduction"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_pair_in_sync_and_clean(name):
+    """The .ipynb is what jupytext makes of the .py (same cells, sources, tags), without outputs."""
+    from_py = jupytext.read(NB_DIR / f"{name}.py")
+    ipynb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+    assert _cells(ipynb) == _cells(from_py), f"{name}.ipynb is out of date: run `make notebooks`"
+    for c in ipynb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}.ipynb is committed with outputs"
+    assert ipynb.metadata.kernelspec.name == "python3"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters_cell(name):
+    """Exactly one cell tagged `parameters`, holding plain `name = literal` assignments, with results_path."""
+    nb = jupytext.read(NB_DIR / f"{name}.py")
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    names = []
+    for stmt in ast.parse(cells[0].source).body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+            ast.dump(stmt)
+        ast.literal_eval(stmt.value)  # a literal: papermill can override it
+        names.append(stmt.targets[0].id)
+    assert "results_path" in names and "seed" in names
+    src = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'torch.cuda.is_available()' in src and '"google.colab" in sys.modules' in src
+
+
+# -- the notebooks, executed ------------------------------------------------------------------------------
+
+
+def test_00_quickstart(kernel, buffer_root, tmp_path):
+    r = execute("00_quickstart", tmp_path, kernel, buffer_root, iterations=20, syn_steps=10, max_start_epoch=2,
+                eval_epochs=50, num_nets=2)
+    assert r["iterations"] == 20
+    assert r["loss_last"] < r["loss_first"]
+    assert r["images_shape"] == [10, 1, 28, 28]
+    assert r["pixels_changed"] > 0 and r["syn_lr"] > 0
+    assert r["mtt_acc"] > 2 * CHANCE and r["random_acc"] > 2 * CHANCE
+    assert all(a > 2 * CHANCE for a in r["expert_acc"])
+
+
+def test_01_expert_trajectories(kernel, buffer_root, tmp_path):
+    r = execute("01_expert_trajectories", tmp_path, kernel, buffer_root)
+    assert r["traj_shape"] == [2, 4, r["num_params"]] and r["epochs"] == [0, 1, 2, 3]
+    for accs in r["test_acc"]:
+        assert len(accs) == 3 and accs[-1] > accs[0] > CHANCE
+    ev = r["explained_variance"]
+    assert all(a >= b for a, b in zip(ev, ev[1:])) and 0 < sum(ev) <= 1 + 1e-9
+    assert all(s > 0 for s in r["step_norms"])
+    assert r["share_sum"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_02_unrolled_student(kernel, buffer_root, tmp_path):
+    r = execute("02_unrolled_student", tmp_path, kernel, buffer_root, start_epoch=1, syn_steps=10,
+                distill_iterations=10)
+    assert r["one_step_diff_library"] < 1e-6 and r["one_step_diff_sgd"] < 1e-5
+    assert r["path_len"] == 11 and len(r["student_losses"]) == 10
+    assert r["L_real"][0] == pytest.approx(1.0) and r["L_distilled"][0] == pytest.approx(1.0)
+    assert r["L_real"][-1] < 1.0
+    assert r["L_distilled"][-1] < r["L_real"][-1]  # the distilled images bring the student closer
+
+
+def test_03_matching_loss(kernel, buffer_root, tmp_path):
+    r = execute("03_matching_loss", tmp_path, kernel, buffer_root, start_epoch=1, syn_steps=10)
+    assert r["hand_vs_library"] < 1e-6
+    assert r["contribution_sum"] == pytest.approx(r["L"], rel=1e-4)
+    assert len(r["layers"]) == 14
+    for curve in r["curves"].values():
+        assert curve[0] == pytest.approx(1.0) and len(curve) == 11
+    assert r["expert_D"][0] > r["expert_D"][-1] > 0  # experts slow down
+    assert all(0 < v < 2 for v in r["normalised"])
+
+
+def test_04_learning_alpha_and_pixels(kernel, buffer_root, tmp_path):
+    r = execute("04_learning_alpha_and_pixels", tmp_path, kernel, buffer_root, syn_steps=10, max_start_epoch=2,
+                iterations=20, plot_every=5, snapshot_every=5)
+    assert r["iterations"] == 20 and r["callback_calls"] == 19  # the first iteration is run by hand
+    assert r["snapshots"] == [1, 5, 10, 15, 20]
+    assert r["loss_last"] < r["loss_first"]
+    assert r["syn_lr_last"] != r["syn_lr_first"] and r["pixels_changed"] > 0
+    assert r["diverged"] and "lower" in r["message"] and "last good one" in r["message"]
+    assert r["bad_state_finite"]
+
+
+def test_05_evaluation(kernel, buffer_root, tmp_path):
+    r = execute("05_evaluation", tmp_path, kernel, buffer_root, syn_steps=10, max_start_epoch=2, iterations=20,
+                eval_epochs=50, num_nets=2, cross_archs=["mlp", "lenet"], cross_num_nets=1)
+    assert r["confusion_total"] == 1000
+    assert r["confusion_trace_acc"] == pytest.approx(r["one_net_acc"])
+    assert sorted(r["cross"]) == ["convnet", "lenet", "mlp"]
+    assert r["mtt_acc"] > 2 * CHANCE and all(v["mtt"] > CHANCE for v in r["cross"].values())
+    assert r["lr_per_epoch"][1] == pytest.approx(0.1 * r["lr_per_epoch"][0])  # the decay at E/2
+    assert r["lr_per_epoch"][0] == pytest.approx(r["syn_lr"])  # evaluation trains with the learned α
+
+
+def test_06_long_vs_short_range(kernel, buffer_root, tmp_path):
+    r = execute("06_long_vs_short_range", tmp_path, kernel, buffer_root, max_start_epoch=1, iterations=10,
+                grid_syn_steps=[1, 10], grid_expert_epochs=[1, 2], eval_epochs=50, num_nets=1)
+    assert [(g["syn_steps"], g["expert_epochs"]) for g in r["grid"]] == [(1, 1), (1, 2), (10, 1), (10, 2)]
+    assert all(g["acc"] > 2 * CHANCE for g in r["grid"])
+    assert r["one_step_formula_vs_library"] < 1e-4
+    long = {(g["syn_steps"], g["expert_epochs"]): g for g in r["grid"]}
+    assert long[(10, 1)]["loss_last"] < long[(10, 1)]["loss_first"]
+
+
+def test_07_memory_and_speed(kernel, tmp_path):
+    r = execute("07_memory_and_speed", tmp_path, kernel, None, width=16, ipc=2, syn_steps_list=[2, 8, 16])
+    assert r["rel_err_images"] < 1e-6 and r["rel_err_alpha"] < 1e-6
+    rows = {(x["mode"], x["N"]): x for x in r["rows"]}
+    assert len(rows) == 6
+    # the unroll keeps every step's activations: its memory grows with N, the adjoint's hardly
+    assert rows[("unroll", 16)]["mb"] > rows[("exact", 16)]["mb"] + 30
+    assert r["slope_mb"]["unroll"] > 4 * max(r["slope_mb"]["exact"], 0.5)
+    assert rows[("unroll", 16)]["loss"] == pytest.approx(rows[("exact", 16)]["loss"], rel=1e-5)
+
+
+def test_08_reproduction_grid(kernel, buffer_root, tmp_path, monkeypatch):
+    """notebooks/reproduce_grid.py runs 08_reproduction through papermill and assembles the table."""
+    monkeypatch.syspath_prepend(str(NB_DIR))
+    monkeypatch.chdir(tmp_path)
+    import reproduce_grid
+
+    out = tmp_path / "grid"
+    args = ["--out", str(out), "--ipc", "1", "--iterations", "20", "--kernel", kernel,
+            "-p", "buffer_root", buffer_root, "-p", "syn_steps", "10", "-p", "max_start_epoch", "2",
+            "-p", "eval_epochs", "50", "-p", "num_nets", "2"]
+    for k, v in EXPERTS.items():
+        args += ["-p", k, str(v)]
+    assert reproduce_grid.main(args) == 0
+    run = out / "fashion-mnist-mini-ipc1-demo"
+    r = json.loads((run / "results.json").read_text())
+    assert r["config"]["syn_steps"] == 10 and r["config"]["iterations"] == 20 and r["iterations"] == 20
+    assert r["experts"] == {**{k: r["experts"][k] for k in ("final_test_acc",)}, "num_experts": 2, "train_epochs": 3,
+                            "width": 16}
+    assert r["mtt"]["mean"] > 2 * CHANCE and r["random_real"]["mean"] > 2 * CHANCE
+    assert r["loss_last_quarter"] < r["loss_first_quarter"]
+    for f in ("synset.safetensors", "synset.png", "loss.html", "checkpoint.safetensors", "08_reproduction.ipynb"):
+        assert (run / f).exists(), f
+    table = (out / "results.md").read_text()
+    row = [line for line in table.splitlines() if line.startswith("| fashion-mnist-mini |")]
+    assert len(row) == 1 and f"{100 * r['mtt']['mean']:.1f} ± " in row[0]
+    # a second call skips the finished configuration and rebuilds the same table
+    assert reproduce_grid.main(args) == 0
+    assert (out / "results.md").read_text() == table
