@@ -129,7 +129,7 @@ PRESETS: dict[str, DistillConfig] = {
     "fashion-mnist-ipc10": DistillConfig("fashion-mnist", 10, 30, 2, 20, 5000, 100.0, 1e-5, 0.01, None),
     "fashion-mnist-ipc50": DistillConfig("fashion-mnist", 50, 30, 2, 40, 5000, 1000.0, 1e-5, 0.01, None),
     # Teaching size: minutes on 2 CPU cores with the embedded set (used by `make demo`).
-    "demo": DistillConfig("fashion-mnist-mini", 1, 10, 2, 3, 100, 100.0, 1e-6, 0.01, None, checkpoint_every=25),
+    "demo": DistillConfig("fashion-mnist-mini", 1, 10, 2, 3, 50, 100.0, 1e-6, 0.01, None, checkpoint_every=25),
 }
 
 
