@@ -71,3 +71,16 @@ def embed_images(model: EmbedOf, params: dict, images: Tensor, batch_size: int =
     model.eval()
     out = [functional_call(model, params, (x,)) for x in images.split(batch_size)]
     return torch.cat(out)
+
+
+def embedding_config(ipc, seed, buffer, expert, epoch, arch, width, depth, norm) -> dict:
+    """The config a selection in embedding space records (herding, k-center)."""
+    return {"ipc": ipc, "seed": int(seed), "buffer": None if buffer is None else str(getattr(buffer, "path", buffer)),
+            "expert": expert, "epoch": epoch, "arch": arch, "width": width, "depth": depth, "norm": norm}
+
+
+def embed_train_set(dataset, seed, buffer, expert, epoch, arch, width, depth, norm, device):
+    """Features (N, D) of every training image, the embedding's description and the seeded generator."""
+    gen = torch.Generator().manual_seed(int(seed))
+    model, params, info = embedding_model(dataset, gen, buffer, expert, epoch, arch, width, depth, norm, device)
+    return embed_images(model, params, dataset.train_images.to(device)), info, gen

@@ -24,7 +24,7 @@ from .common import (
     measure_cost,
     to_synset,
 )
-from .embedding import embed_images, embedding_model
+from .embedding import embed_train_set, embedding_config
 
 
 def herding(features: Tensor, k: int) -> Tensor:
@@ -57,12 +57,9 @@ def herding_set(dataset, ipc: int, seed: int = 0, buffer=None, expert: int = 0, 
                 device="cpu"):
     """Herding per class in ``ConvNet.embed`` space (random init from ``seed``, or an expert if ``buffer``)."""
     ipc = check_ipc(dataset, ipc)
-    config = {"ipc": ipc, "seed": int(seed), "buffer": None if buffer is None else str(getattr(buffer, "path", buffer)),
-              "expert": expert, "epoch": epoch, "arch": arch, "width": width, "depth": depth, "norm": norm}
+    config = embedding_config(ipc, seed, buffer, expert, epoch, arch, width, depth, norm)
     with measure_cost(device) as cost:
-        gen = torch.Generator().manual_seed(int(seed))
-        model, params, info = embedding_model(dataset, gen, buffer, expert, epoch, arch, width, depth, norm, device)
-        feats = embed_images(model, params, dataset.train_images.to(device))  # (N, D)
+        feats, info, _ = embed_train_set(dataset, seed, buffer, expert, epoch, arch, width, depth, norm, device)
         picks = []
         for members in class_indices(dataset):
             picks.append(members[herding(feats[members.to(feats.device)], ipc)])

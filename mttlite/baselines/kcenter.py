@@ -29,7 +29,7 @@ from .common import (
     measure_cost,
     to_synset,
 )
-from .embedding import embed_images, embedding_model
+from .embedding import embed_train_set, embedding_config
 
 
 def kcenter_greedy(features: Tensor, k: int, first: int = 0) -> Tensor:
@@ -63,12 +63,9 @@ def kcenter_set(dataset, ipc: int, seed: int = 0, buffer=None, expert: int = 0, 
                 device="cpu"):
     """K-center greedy per class in ``ConvNet.embed`` space; the first centre of each class is seeded."""
     ipc = check_ipc(dataset, ipc)
-    config = {"ipc": ipc, "seed": int(seed), "buffer": None if buffer is None else str(getattr(buffer, "path", buffer)),
-              "expert": expert, "epoch": epoch, "arch": arch, "width": width, "depth": depth, "norm": norm}
+    config = embedding_config(ipc, seed, buffer, expert, epoch, arch, width, depth, norm)
     with measure_cost(device) as cost:
-        gen = torch.Generator().manual_seed(int(seed))
-        model, params, info = embedding_model(dataset, gen, buffer, expert, epoch, arch, width, depth, norm, device)
-        feats = embed_images(model, params, dataset.train_images.to(device))  # (N, D)
+        feats, info, gen = embed_train_set(dataset, seed, buffer, expert, epoch, arch, width, depth, norm, device)
         picks, radii = [], []
         for members in class_indices(dataset):
             fc = feats[members.to(feats.device)]
