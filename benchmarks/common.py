@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mttlite.augment import DSA_STRATEGY  # noqa: E402
+from mttlite.kernels import StepKernels  # noqa: E402
 from mttlite.meta_gradient import meta_gradient  # noqa: E402
 from mttlite.networks import get_network  # noqa: E402
 from mttlite.params import ParamSpec  # noqa: E402
+from mttlite.perf import keep_freed_memory  # noqa: E402
 from mttlite.student import make_plan  # noqa: E402
 
 
@@ -54,13 +56,38 @@ def conv_flops_per_image(net, shape) -> float:
     return flops
 
 
+def matmul_gflops(n: int = 3072, repeats: int = 3, device="cpu") -> float:
+    """The machine's practical fp32 peak: GFLOP/s of the best of ``repeats`` n×n matrix products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=10, width=128, iters=3,
                device="cpu", strategy=DSA_STRATEGY, seed=0) -> dict:
-    """Median seconds of ``iters`` outer iterations (after one warm-up) and peak memory."""
+    """Median seconds of ``iters`` outer iterations (after one warm-up) and peak memory.
+
+    ``mode``: "unroll" or "exact", optionally "+compile" (``StepKernels``, torch.compile); the
+    warm-up iteration then includes compiling and is reported as ``first_iter_s``.
+    """
+    if os.environ.get("MTTLITE_MALLOC", "keep") == "keep":  # MTTLITE_MALLOC=default measures glibc's defaults
+        keep_freed_memory()
     torch.manual_seed(seed)
     dev = torch.device(device)
+    grad_mode, _, option = mode.partition("+")
+    if option not in ("", "compile"):
+        raise ValueError(f"unknown mode option {option!r} in {mode!r}; use e.g. 'exact+compile'")
     net = get_network("convnet", channel, num_classes, (im, im), width=width).to(dev)
     spec = ParamSpec.from_module(net)
+    kernels = StepKernels(net, spec) if option == "compile" else None
     g = torch.Generator().manual_seed(seed)
     n = ipc * num_classes
     x = torch.randn(n, channel, im, im, generator=g).to(dev)
@@ -77,22 +104,27 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     for i in range(iters + 1):
         plan = make_plan(n, syn_steps, None, g)
         t0 = time.perf_counter()
-        mg = meta_gradient(mode, net, spec, theta, target, x, y, alpha, plan, strategy)
+        mg = meta_gradient(grad_mode, net, spec, theta, target, x, y, alpha, plan, strategy, kernels=kernels)
         mg.images.sum().item()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if i > 0:  # the first iteration warms up allocators and kernels
+        if i > 0:  # the first iteration warms up allocators and kernels (and compiles)
             times.append(time.perf_counter() - t0)
+        else:
+            first = time.perf_counter() - t0
     flops = conv_flops_per_image(net.cpu(), (channel, im, im))
-    # exact: fwd+bwd (forward pass) + fwd+bwd+double-bwd (backward pass) per step; unroll: fwd+bwd+double-bwd.
-    # Counted as multiples of one forward: fwd 1, bwd 2, double backward ~ 4 (a backward of a backward).
-    units = {"exact": 3 + 7, "unroll": 7}[mode]
+    # Convolution work per student step, in multiples of one forward (each conv layer o = conv(a, w)):
+    # forward 1; backward 2 (∂a = convᵀ(∂o, w), ∂w = corr(a, ∂o)); double backward 6 (each of those
+    # three convolutions is differentiated w.r.t. both of its inputs). unroll: 1 + 2 + 6 = 9;
+    # exact: the forward sweep's 1 + 2, then the backward sweep's 9 again.
+    units = {"exact": 3 + 9, "unroll": 9}[grad_mode]
     work = flops * n * syn_steps * units
     out = {
         "mode": mode, "syn_steps": syn_steps, "shape": [channel, im, im], "ipc": ipc, "n_syn": n, "width": width,
-        "device": str(dev), "sec_per_iter": statistics.median(times), "times": times,
+        "device": str(dev), "sec_per_iter": statistics.median(times), "times": times, "first_iter_s": first,
         "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base_rss, "est_gflops": work / statistics.median(times) / 1e9,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "malloc": os.environ.get("MTTLITE_MALLOC", "keep"),
     }
     if dev.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

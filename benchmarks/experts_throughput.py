@@ -25,6 +25,7 @@ import torch
 from mttlite.buffers import write_json_atomic
 from mttlite.data import load_dataset
 from mttlite.experts import train_experts
+from mttlite.perf import keep_freed_memory
 
 
 def subset(ds, n_train: int, n_test: int):
@@ -77,6 +78,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = os.environ.get("MTTLITE_MALLOC", "default")  # MTTLITE_MALLOC=keep: mttlite.perf.keep_freed_memory()
+    if malloc == "keep":
+        keep_freed_memory()
     ks = [int(k) for k in args.ks.split(",")]
 
     ds = subset(load_dataset(args.dataset, device=args.device), args.images, args.test_images)
@@ -93,7 +97,7 @@ def main(argv=None) -> dict:
 
     print(f"\nConvNet-3 width {args.width}, {ds.channel}x{ds.im_size[0]}x{ds.im_size[1]}, {args.images} images x "
           f"{args.epochs} epoch(s) per expert, batch {args.batch}, DSA on, device {args.device}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads, allocator {malloc}\n")
     print("| K experts | one at a time (img/s) | vmap, K at once (img/s) | speed-up |")
     print("|---:|---:|---:|---:|")
     for r in rows:
@@ -101,7 +105,7 @@ def main(argv=None) -> dict:
 
     result = {
         "benchmark": "experts_throughput",
-        "settings": {**vars(args), "threads": torch.get_num_threads(), "channel": ds.channel, "im_size": list(ds.im_size)},
+        "settings": {**vars(args), "threads": torch.get_num_threads(), "malloc": malloc, "channel": ds.channel, "im_size": list(ds.im_size)},
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),

@@ -5,11 +5,18 @@ color_crop_cutout_flip_scale_rotate, the exact meta-gradient. Reference (a strai
 flat-parameter implementation with naive unroll): ~15 s/iteration and ~4.6 GB on 2 CPU cores.
 
     python benchmarks/iteration_speed.py [--device cuda] [--iters 5] [--steps 10]
+        [--modes unroll exact unroll+compile exact+compile]
+
+Freed memory is kept for reuse (mttlite.perf.keep_freed_memory) unless MTTLITE_MALLOC=default.
+"+compile" runs each student step through torch.compile (mttlite.kernels.StepKernels); its first
+iteration (compiling) is excluded from the median and shown separately. The last column compares
+the estimated convolution throughput with a large fp32 matrix product on the same machine.
 """
 import argparse
+import os
 import sys
 
-from common import hardware, run_worker_from_argv, save, spawn
+from common import hardware, matmul_gflops, run_worker_from_argv, save, spawn
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
@@ -19,18 +26,22 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--modes", nargs="+", default=["unroll", "exact"])
+    p.add_argument("--modes", nargs="+", default=["unroll", "exact", "unroll+compile", "exact+compile"])
     a = p.parse_args()
+    peak = matmul_gflops(device=a.device)
     print(f"# iteration speed — {hardware()}; 1x28x28, IPC 10, width 128, N={a.steps}, device {a.device}")
-    print("| mode | median s/iter | all s/iter | peak memory MiB | est. GFLOP/s |")
-    print("|---|---|---|---|---|")
+    print(f"# fp32 matrix product 3072x3072: {peak:.0f} GFLOP/s; allocator: "
+          f"{os.environ.get('MTTLITE_MALLOC', 'keep')} (MTTLITE_MALLOC=default for glibc's defaults)")
+    print("| mode | median s/iter | all s/iter | first iter s | peak memory MiB | est. GFLOP/s | % of matmul |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for mode in a.modes:
         r = spawn(__file__, dict(mode=mode, syn_steps=a.steps, iters=a.iters, device=a.device))
         rows.append(r)
         if "error" in r:
-            print(f"| {mode} | error: {r['error']} | | | |")
+            print(f"| {mode} | error: {r['error']} | | | | | |")
             continue
         mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
-        print(f"| {mode} | {r['sec_per_iter']:.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | {mem:.0f} | {r['est_gflops']:.1f} |")
-    print("wrote", save(rows, f"iteration_speed_{a.device.replace(':', '')}"))
+        print(f"| {mode} | {r['sec_per_iter']:.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | {r['first_iter_s']:.1f} "
+              f"| {mem:.0f} | {r['est_gflops']:.1f} | {100 * r['est_gflops'] / peak:.0f} |", flush=True)
+    print("wrote", save(rows + [{"matmul_gflops": peak}], f"iteration_speed_{a.device.replace(':', '')}"))

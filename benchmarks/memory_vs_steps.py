@@ -3,9 +3,13 @@
     python benchmarks/memory_vs_steps.py                      # CPU: N in 5 10 20 40, 1x28x28, IPC 10
     python benchmarks/memory_vs_steps.py --device cuda --steps 5 10 20 40 80 --channel 3 --im 32
 
-Prints a markdown table and writes runs/bench/memory_vs_steps[_<device>].json.
+Prints a markdown table and writes runs/bench/memory_vs_steps[_<device>]_<shape>_ipc<ipc>[_malloc-default].json.
+Freed memory is kept for reuse (mttlite.perf.keep_freed_memory), which makes RSS depend on the
+allocator's history; MTTLITE_MALLOC=default measures with glibc's defaults, which give freed
+memory back, so peak RSS then tracks what is live.
 """
 import argparse
+import os
 import sys
 
 from common import hardware, run_worker_from_argv, save, spawn
@@ -26,7 +30,9 @@ if __name__ == "__main__":
     a = p.parse_args()
     rows = []
     mem = "peak_cuda_mib" if a.device.startswith("cuda") else "peak_rss_mib"
-    print(f"# memory vs N — {hardware()}; shape {a.channel}x{a.im}x{a.im}, IPC {a.ipc}, width {a.width}, device {a.device}")
+    malloc = os.environ.get("MTTLITE_MALLOC", "keep")
+    print(f"# memory vs N — {hardware()}; shape {a.channel}x{a.im}x{a.im}, IPC {a.ipc}, width {a.width}, "
+          f"device {a.device}, allocator {malloc}")
     print(f"| N | mode | s/iter | peak {'CUDA alloc' if mem == 'peak_cuda_mib' else 'RSS'} MiB | est. GFLOP/s |")
     print("|---|---|---|---|---|")
     for n in a.steps:
@@ -39,4 +45,5 @@ if __name__ == "__main__":
             else:
                 print(f"| {n} | {mode} | {r['sec_per_iter']:.2f} | {r[mem]:.0f} | {r['est_gflops']:.1f} |", flush=True)
     suffix = "" if a.device == "cpu" else "_" + a.device.replace(":", "")
+    suffix += "_malloc-default" if malloc == "default" else ""
     print("wrote", save(rows, f"memory_vs_steps{suffix}_{a.channel}x{a.im}_ipc{a.ipc}"))

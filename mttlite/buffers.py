@@ -34,16 +34,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from math import prod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from .io import atomic_write
 
 FORMAT = "mttlite-buffer"
 VERSION = 1
@@ -78,34 +79,8 @@ def dtype_from_name(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], exclusive: bool = False) -> bool:
-    """Write ``path`` atomically: ``write(tmp)`` fills a temp file in the same directory, then
-    ``os.replace(tmp, path)``. With ``exclusive=True`` the file is only created if absent
-    (``os.link`` fails atomically if it exists); returns False when somebody else was first."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # atomic create-if-absent: never clobbers a file another rank wrote
-        except FileExistsError:
-            return False
-        except OSError:  # file systems without hard links: fall back to replace (same content anyway)
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any, exclusive: bool = False) -> bool:
-    """Atomically write ``obj`` as indented JSON (see ``_atomic_write`` for ``exclusive``)."""
+    """Atomically write ``obj`` as indented JSON (see ``io.atomic_write`` for ``exclusive``); False if not written."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
@@ -114,7 +89,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, exclusive: bool = False
             f.flush()
             os.fsync(f.fileno())
 
-    return _atomic_write(Path(path), write, exclusive=exclusive)
+    return atomic_write(path, write, exclusive=exclusive) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +190,7 @@ def save_expert(
     }
     header = {"format": FORMAT_VERSION, **{k: json.dumps(v) for k, v in metrics.items()}}
     out = Path(path) / expert_filename(index)
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=header))
     return out
 
 

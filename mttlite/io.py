@@ -20,20 +20,34 @@ from torch import Tensor
 META_KEY = "mttlite"
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
+def atomic_write(path: str | os.PathLike, write, exclusive: bool = False) -> Path | None:
+    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``.
+
+    With ``exclusive=True`` the file is only created if absent (``os.link`` fails atomically when
+    it exists, so concurrent writers, e.g. torchrun ranks, never clobber each other); returns
+    None when somebody else was first, else ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        except FileExistsError:
+            return None
+        except OSError:  # file systems without hard links: fall back to replace (same content anyway)
+            if path.exists():
+                return None
+            os.replace(tmp, path)
+        return path
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return path
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], fmt: str, meta: dict) -> Path:

@@ -118,6 +118,7 @@ def unroll(
     dsa_params: DSAParams = DSAParams(),
     create_graph: bool = True,
     return_path: bool = False,
+    kernels=None,
 ) -> UnrollResult:
     """Take N = ``plan.syn_steps`` SGD steps from θ̂_0 = ``theta0`` on the synthetic set.
 
@@ -126,14 +127,21 @@ def unroll(
     images: (n_syn, C, H, W); labels: (n_syn,) int or (n_syn, K) float; syn_lr: α (scalar tensor).
     With ``create_graph=True`` the returned θ̂_N carries the full second-order graph back to
     ``images``, ``labels`` (if they require grad) and ``syn_lr``.
+    ``kernels`` (a :class:`mttlite.kernels.StepKernels`) computes each ∇_θ ℓ with compiled
+    kernels instead of eager autograd: the same steps, fused.
     """
     check_stateless(model)
     theta = theta0.detach().requires_grad_(True)
     path = [theta.detach()] if return_path else None
     losses = []
     for idx, seed in zip(plan.batches, plan.aug_seeds):
-        loss = student_loss(model, spec, theta, images[idx], labels[idx], dsa_strategy, seed, dsa_params)
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        if kernels is None:
+            loss = student_loss(model, spec, theta, images[idx], labels[idx], dsa_strategy, seed, dsa_params)
+            (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        else:
+            with torch.set_grad_enabled(create_graph):
+                x_aug = dsa(images[idx], dsa_strategy, seed=seed, params=dsa_params)
+                grad, loss = kernels.grad(theta, x_aug, labels[idx])
         theta = theta - syn_lr * grad  # θ̂_{n+1} = θ̂_n − α g_n
         if not create_graph:
             theta = theta.detach().requires_grad_(True)
