@@ -56,6 +56,11 @@ def conv_flops_per_image(net, shape) -> float:
     return flops
 
 
+def malloc_mode() -> str:
+    """"keep" (mttlite.perf.keep_freed_memory, as the CLI runs) unless MTTLITE_MALLOC=default (glibc's defaults)."""
+    return os.environ.get("MTTLITE_MALLOC", "keep")
+
+
 def matmul_gflops(n: int = 3072, repeats: int = 3, device="cpu") -> float:
     """The machine's practical fp32 peak: GFLOP/s of the best of ``repeats`` n×n matrix products."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -78,7 +83,7 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     ``mode``: "unroll" or "exact", optionally "+compile" (``StepKernels``, torch.compile); the
     warm-up iteration then includes compiling and is reported as ``first_iter_s``.
     """
-    if os.environ.get("MTTLITE_MALLOC", "keep") == "keep":  # MTTLITE_MALLOC=default measures glibc's defaults
+    if malloc_mode() == "keep":
         keep_freed_memory()
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -124,7 +129,7 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
         "device": str(dev), "sec_per_iter": statistics.median(times), "times": times, "first_iter_s": first,
         "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base_rss, "est_gflops": work / statistics.median(times) / 1e9,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "malloc": os.environ.get("MTTLITE_MALLOC", "keep"),
+        "malloc": malloc_mode(),
     }
     if dev.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -13,10 +13,9 @@ iteration (compiling) is excluded from the median and shown separately. The last
 the estimated convolution throughput with a large fp32 matrix product on the same machine.
 """
 import argparse
-import os
 import sys
 
-from common import hardware, matmul_gflops, run_worker_from_argv, save, spawn
+from common import hardware, malloc_mode, matmul_gflops, run_worker_from_argv, save, spawn
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
@@ -31,7 +30,7 @@ if __name__ == "__main__":
     peak = matmul_gflops(device=a.device)
     print(f"# iteration speed — {hardware()}; 1x28x28, IPC 10, width 128, N={a.steps}, device {a.device}")
     print(f"# fp32 matrix product 3072x3072: {peak:.0f} GFLOP/s; allocator: "
-          f"{os.environ.get('MTTLITE_MALLOC', 'keep')} (MTTLITE_MALLOC=default for glibc's defaults)")
+          f"{malloc_mode()} (MTTLITE_MALLOC=default for glibc's defaults)")
     print("| mode | median s/iter | all s/iter | first iter s | peak memory MiB | est. GFLOP/s | % of matmul |")
     print("|---|---|---|---|---|---|---|")
     rows = []

@@ -9,10 +9,9 @@ allocator's history; MTTLITE_MALLOC=default measures with glibc's defaults, whic
 memory back, so peak RSS then tracks what is live.
 """
 import argparse
-import os
 import sys
 
-from common import hardware, run_worker_from_argv, save, spawn
+from common import hardware, malloc_mode, run_worker_from_argv, save, spawn
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
@@ -30,7 +29,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     rows = []
     mem = "peak_cuda_mib" if a.device.startswith("cuda") else "peak_rss_mib"
-    malloc = os.environ.get("MTTLITE_MALLOC", "keep")
+    malloc = malloc_mode()
     print(f"# memory vs N — {hardware()}; shape {a.channel}x{a.im}x{a.im}, IPC {a.ipc}, width {a.width}, "
           f"device {a.device}, allocator {malloc}")
     print(f"| N | mode | s/iter | peak {'CUDA alloc' if mem == 'peak_cuda_mib' else 'RSS'} MiB | est. GFLOP/s |")
