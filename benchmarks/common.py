@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from mttlite.augment import DSA_STRATEGY  # noqa: E402
 from mttlite.kernels import StepKernels  # noqa: E402
+from mttlite.layers import torch_layers  # noqa: E402
 from mttlite.meta_gradient import meta_gradient  # noqa: E402
 from mttlite.networks import get_network  # noqa: E402
 from mttlite.params import ParamSpec  # noqa: E402
@@ -82,8 +83,14 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
 
     ``mode``: "unroll" or "exact", optionally "+compile" (``StepKernels``, torch.compile); the
     warm-up iteration then includes compiling and is reported as ``first_iter_s``.
+    "reference": the straightforward implementation that issue 4 compares with, measured on the same
+    machine in the same run: the naive unroll, eager, with torch's own instance norm and pooling
+    layers (``mttlite.layers.torch_layers``) and glibc's default allocator.
     """
-    if malloc_mode() == "keep":
+    reference = mode == "reference"
+    if reference:
+        mode = "unroll"
+    elif malloc_mode() == "keep":
         keep_freed_memory()
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -91,6 +98,8 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     if option not in ("", "compile"):
         raise ValueError(f"unknown mode option {option!r} in {mode!r}; use e.g. 'exact+compile'")
     net = get_network("convnet", channel, num_classes, (im, im), width=width).to(dev)
+    if reference:
+        net = torch_layers(net)
     spec = ParamSpec.from_module(net)
     kernels = StepKernels(net, spec) if option == "compile" else None
     g = torch.Generator().manual_seed(seed)
@@ -125,11 +134,12 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     units = {"exact": 3 + 9, "unroll": 9}[grad_mode]
     work = flops * n * syn_steps * units
     out = {
-        "mode": mode, "syn_steps": syn_steps, "shape": [channel, im, im], "ipc": ipc, "n_syn": n, "width": width,
+        "mode": "reference" if reference else mode, "syn_steps": syn_steps, "shape": [channel, im, im], "ipc": ipc,
+        "n_syn": n, "width": width,
         "device": str(dev), "sec_per_iter": statistics.median(times), "times": times, "first_iter_s": first,
         "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base_rss, "est_gflops": work / statistics.median(times) / 1e9,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "malloc": malloc_mode(),
+        "malloc": "default" if reference else malloc_mode(),
     }
     if dev.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

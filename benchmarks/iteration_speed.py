@@ -5,8 +5,11 @@ color_crop_cutout_flip_scale_rotate, the exact meta-gradient. Reference (a strai
 flat-parameter implementation with naive unroll): ~15 s/iteration and ~4.6 GB on 2 CPU cores.
 
     python benchmarks/iteration_speed.py [--device cuda] [--iters 5] [--steps 10]
-        [--modes unroll exact unroll+compile exact+compile]
+        [--modes reference unroll exact unroll+compile exact+compile]
 
+"reference" measures that straightforward implementation here and now (the naive unroll with
+torch's own GroupNorm / AvgPool2d layers and glibc's default allocator); the "speed-up" column
+compares every mode with it, so the ratio does not depend on how fast the machine is today.
 Freed memory is kept for reuse (mttlite.perf.keep_freed_memory) unless MTTLITE_MALLOC=default.
 "+compile" runs each student step through torch.compile (mttlite.kernels.StepKernels); its first
 iteration (compiling) is excluded from the median and shown separately. The last column compares
@@ -25,22 +28,27 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--modes", nargs="+", default=["unroll", "exact", "unroll+compile", "exact+compile"])
+    p.add_argument("--modes", nargs="+", default=["reference", "unroll", "exact", "unroll+compile", "exact+compile"])
     a = p.parse_args()
     peak = matmul_gflops(device=a.device)
     print(f"# iteration speed — {hardware()}; 1x28x28, IPC 10, width 128, N={a.steps}, device {a.device}")
     print(f"# fp32 matrix product 3072x3072: {peak:.0f} GFLOP/s; allocator: "
           f"{malloc_mode()} (MTTLITE_MALLOC=default for glibc's defaults)")
-    print("| mode | median s/iter | all s/iter | first iter s | peak memory MiB | est. GFLOP/s | % of matmul |")
-    print("|---|---|---|---|---|---|---|")
-    rows = []
+    print("| mode | median s/iter | speed-up vs reference | all s/iter | first iter s | peak memory MiB | est. GFLOP/s "
+          "| % of matmul |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows, ref = [], None
     for mode in a.modes:
         r = spawn(__file__, dict(mode=mode, syn_steps=a.steps, iters=a.iters, device=a.device))
         rows.append(r)
         if "error" in r:
-            print(f"| {mode} | error: {r['error']} | | | | | |")
+            print(f"| {mode} | error: {r['error']} | | | | | | |")
             continue
+        if mode == "reference":
+            ref = r["sec_per_iter"]
+        speedup = f"{ref / r['sec_per_iter']:.2f}×" if ref else "—"
         mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
-        print(f"| {mode} | {r['sec_per_iter']:.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | {r['first_iter_s']:.1f} "
+        times = ", ".join(f"{t:.2f}" for t in r["times"])
+        print(f"| {mode} | {r['sec_per_iter']:.2f} | {speedup} | {times} | {r['first_iter_s']:.1f} "
               f"| {mem:.0f} | {r['est_gflops']:.1f} | {100 * r['est_gflops'] / peak:.0f} |", flush=True)
     print("wrote", save(rows + [{"matmul_gflops": peak}], f"iteration_speed_{a.device.replace(':', '')}"))

@@ -139,8 +139,11 @@ def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, sy
             loss_i = student_loss(model, spec, th, xb, yb, dsa_strategy, seed, dsa_params)
             (g,) = torch.autograd.grad(loss_i, th, create_graph=True)
             s = (g * lam).sum()  # s_i = g_i · λ_{i+1}
-            wrt = [th, xb] + ([yb] if learn_y else [])
+            # λ_0 = ∂L/∂θ*_t is not needed (the expert's θ is fixed): skip H_0 λ_1 and its convolutions
+            wrt = ([th] if i > 0 else []) + [xb] + ([yb] if learn_y else [])
             d = list(torch.autograd.grad(s, wrt))
+            if i == 0:
+                d.insert(0, None)
         else:  # the same three products, from one compiled function of the augmented batch
             xb = x_all[idx].requires_grad_(True)
             x_aug = dsa(xb, dsa_strategy, seed, dsa_params)
@@ -151,5 +154,6 @@ def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, sy
         if learn_y:
             grad_y.index_add_(0, idx, -alpha * d[2])
         grad_alpha -= s.detach()  # ∂L/∂α −= g_i · λ_{i+1}
-        lam = lam - alpha * d[0]  # λ_i = λ_{i+1} − α H_i λ_{i+1}
+        if i > 0:
+            lam = lam - alpha * d[0]  # λ_i = λ_{i+1} − α H_i λ_{i+1}
     return MetaGradient(loss.detach(), grad_x, grad_y, grad_alpha, losses)

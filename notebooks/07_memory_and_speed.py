@@ -254,14 +254,17 @@ for mode in modes:
 # student step; the adjoint's grows only by one parameter vector ($4P$ bytes) per step. The price is
 # time: the adjoint replays every step's forward and backward once more.
 #
-# Two speed knobs that change no number (`docs/performance.md` measures them at the paper's scale,
+# Three speed-ups that change no result beyond float rounding (`docs/performance.md` measures them at the paper's scale,
 # width 128, N = 10, on 2 CPU cores):
 #
+# - `mttlite.layers`: the ConvNet's instance norm and 2×2 average pooling are torch's layers with
+#   faster derivatives. Every student step differentiates them twice, and torch's generic
+#   second-derivative formulas for them are slow on CPU. With these layers the unroll is about 10 % faster.
 # - `mttlite.perf.keep_freed_memory()` stops glibc from handing every large activation back to the
 #   kernel and faulting it in again on the next step: 1.6–1.8× faster on CPU (`mttlite distill` calls it).
 # - `DistillConfig(compile=True)` runs each student step through `torch.compile`
 #   (`mttlite.kernels.StepKernels`): the same gradient with the elementwise work fused; on CPU it
-#   speeds up the exact mode by about 7 % after a minute of compiling.
+#   is about as fast as the eager layers above and takes a minute to compile.
 #
 # Measure one more point:
 

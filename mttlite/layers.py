@@ -1,0 +1,230 @@
+"""ConvNet's instance norm and 2×2 average pooling, with derivatives that are cheap to differentiate.
+
+MTT differentiates *through* the student's gradient, so every layer runs three times per
+student step: forward, backward, and the backward of the backward. torch's built-in formulas
+for the third are generic and slow on CPU; these two layers give the same numbers (up to float
+rounding), faster.
+
+**Average pooling.** For ConvNet's 2×2 average pooling P (stride 2, H and W even) all three
+are the same two linear maps::
+
+    P(x)[n, c, i, j] = ¼ Σ_{a, b ∈ {0, 1}} x[n, c, 2i + a, 2j + b]      (B, C, H, W) → (B, C, H/2, W/2)
+    Pᵀ(g) = ¼ U(g),   U(g)[n, c, h, w] = g[n, c, ⌊h/2⌋, ⌊w/2⌋]            (nearest 2× upsampling)
+
+P is linear, so its backward is Pᵀ, whose backward is P again: two ``autograd.Function`` s that
+call each other are differentiable to any order. torch's own kernels compute the same numbers to
+rounding (``avg_pool2d`` and ``avg_pool2d_backward``) but are generic in window, stride and
+padding: on CPU they take 3–4× longer than the two strided additions and two stacks below, and
+pooling was an eighth of a distillation step's time (``docs/performance.md``).
+
+**Instance norm** (``GroupNorm(C, C)``: statistics per sample and channel over the D = H·W
+pixels). Forward and backward are torch's fused kernels; the backward is itself an
+``autograd.Function`` whose backward (the second derivative) is derived by hand below, in a
+dozen passes over the feature map where autograd's generic formula takes about twice as many.
+
+All functions carry ``generate_vmap_rule`` and ``setup_context``, so they work under
+``torch.func`` (``grad``, ``vmap``: the experts trained in parallel) and ``torch.compile``.
+Tests compare them with torch's layers (float64 ``gradcheck`` / ``gradgradcheck``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _pool_sum(x: Tensor) -> Tensor:
+    """¼ × the sum of each 2×2 window: rows first (contiguous strides), then columns."""
+    rows = x[..., 0::2, :] + x[..., 1::2, :]  # (…, H/2, W)
+    return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)  # (…, H/2, W/2)
+
+
+def _upsample(g: Tensor) -> Tensor:
+    """¼ U(g): every value repeated over its 2×2 window, times ¼."""
+    g = g * 0.25  # scale the small tensor, not the large one
+    cols = torch.stack((g, g), dim=-1).flatten(-2)  # (…, h, 2w)
+    return torch.stack((cols, cols), dim=-2).flatten(-3, -2)  # (…, 2h, 2w)
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _pool_sum(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass  # linear: nothing to save
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tensor:
+        return _Upsample2x2.apply(grad_out)  # Pᵀ
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _AvgPool2x2.apply(tangent)
+
+
+class _Upsample2x2(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor) -> Tensor:
+        return _upsample(g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tensor:
+        return _AvgPool2x2.apply(grad_out)  # (Pᵀ)ᵀ = P
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _Upsample2x2.apply(tangent)
+
+
+def avg_pool_2x2(x: Tensor) -> Tensor:
+    """``F.avg_pool2d(x, 2)`` for x of shape (…, H, W); the fast path needs H and W even."""
+    if x.dim() < 3 or x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.avg_pool2d(x, 2)  # odd sizes: torch drops the last row / column
+    return _AvgPool2x2.apply(x)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2, 2)`` (same repr, no parameters) computed by :func:`avg_pool_2x2`."""
+
+    def __init__(self):
+        super().__init__(kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return avg_pool_2x2(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Instance norm
+# ----------------------------------------------------------------------------------------------
+class _InstanceNorm(torch.autograd.Function):
+    """y = γ x̂ + β,  x̂ = (x − μ) r,  μ = mean_hw x,  r = (var_hw x + ε)^(-1/2)  per (n, c)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+        N, C = x.shape[:2]
+        return torch.native_group_norm(x, weight, bias, N, C, x[0, 0].numel(), C, eps)  # y, μ (N, C), r (N, C)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, _ = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+
+    @staticmethod
+    def backward(ctx, g, _g_mean, _g_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _InstanceNormBackward.apply(g, x, weight, mean, rstd)
+        return dx, dw, db, None
+
+
+class _InstanceNormBackward(torch.autograd.Function):
+    """(g, x, γ) → (∂x, ∂γ, ∂β) of instance norm, with g = ∂L/∂y and a = γ g::
+
+        ∂x = r (a − mean(a) − x̂ mean(a x̂)),   ∂γ = Σ_{n,hw} g x̂,   ∂β = Σ_{n,hw} g
+
+    μ and r enter as constants: the backward below differentiates through them by hand.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor):
+        N, C = x.shape[:2]
+        return torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, weight, N, C, x[0, 0].numel(), C,
+                                                         [True, True, True])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, u: Tensor | None, v_w: Tensor | None, v_b: Tensor | None):
+        r"""Cotangents (u, v_γ, v_β) of (∂x, ∂γ, ∂β) → their gradients w.r.t. g, x and γ.
+
+        Per (n, c), with bars for means over the D pixels (all are (N, C, 1) vectors):
+
+            ∂/∂g = γ r (u − ū − x̂ \overline{u x̂}) + v_γ x̂ + v_β
+            ∂/∂γ = Σ_n r D (\overline{u g} − ū ḡ − \overline{u x̂} \overline{g x̂})
+            ∂/∂x = r (G − Ḡ − x̂ \overline{G x̂}) − s r² x̂ / D,    where
+                G = ∂/∂x̂ = −r (a \overline{u x̂} + \overline{a x̂} u) + v_γ g    (a = γ g)
+                s = ∂/∂r = Σ u (a − ā − x̂ \overline{a x̂})
+
+        The first line is the backward's own structure again (it is self-adjoint in a); the
+        last is the layer-norm backward applied to G plus the path through r = (var + ε)^(-1/2),
+        ∂r/∂x = −r² x̂ / D. Every mean is one reduction; G never needs to be formed.
+        """
+        g, x, weight, mean, rstd = ctx.saved_tensors
+        shape, (N, C), D = x.shape, x.shape[:2], x[0, 0].numel()
+        x, g = x.reshape(N, C, D), g.reshape(N, C, D)
+        u = torch.zeros_like(x) if u is None else u.reshape(N, C, D)
+        v_w = torch.zeros_like(weight) if v_w is None else v_w
+        v_b = torch.zeros_like(weight) if v_b is None else v_b
+        r, w, v_w, v_b = rstd[..., None], weight[:, None], v_w[:, None], v_b[:, None]  # (N, C, 1), (C, 1)
+        x_hat = (x - mean[..., None]) * r
+
+        def bar(t):  # mean over the pixels, (N, C, 1)
+            return t.sum(-1, keepdim=True) / D
+
+        def bar_dot(a, b):  # mean of a product, (N, C, 1), without forming it
+            return torch.linalg.vecdot(a, b)[..., None] / D
+
+        u_, ux_, g_, gx_, ug_ = bar(u), bar_dot(u, x_hat), bar(g), bar_dot(g, x_hat), bar_dot(u, g)
+        wr = w * r
+        d_g = torch.addcmul(v_b - wr * u_, x_hat, v_w - wr * ux_).addcmul_(u, wr)
+        d_w = (r * D * (ug_ - u_ * g_ - ux_ * gx_)).sum(0).flatten()
+        ax_ = w * gx_  # \overline{a x̂}
+        c_u, c_g = -r * ax_, v_w - wr * ux_  # G = c_u u + c_g g
+        G_, Gx_ = c_u * u_ + c_g * g_, c_u * ux_ + c_g * gx_
+        s = D * (w * ug_ - w * g_ * u_ - ax_ * ux_)
+        c_x = -r * Gx_ - s * r * r / D
+        d_x = torch.addcmul(-r * G_, x_hat, c_x).addcmul_(u, r * c_u).addcmul_(g, r * c_g)
+        return d_g.view(shape), d_x.view(shape), d_w, None, None
+
+
+def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """``F.group_norm(x, C, weight, bias, eps)`` for x of shape (N, C, …)."""
+    return _InstanceNorm.apply(x, weight, bias, eps)[0]
+
+
+class InstanceNorm(nn.GroupNorm):
+    """``nn.GroupNorm(C, C, affine=True)`` (same parameters, names and repr) via :func:`instance_norm`."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
+        super().__init__(num_channels, num_channels, eps=eps, affine=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return instance_norm(x, self.weight, self.bias, self.eps)
+
+
+def torch_layers(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with torch's own layers in place of this module's (same parameters and names).
+
+    ``InstanceNorm`` → ``nn.GroupNorm(C, C)``, ``AvgPool2x2`` → ``nn.AvgPool2d(2, 2)``. Used where
+    torch's formulas serve better: ``torch.compile`` fuses their decompositions into less memory in
+    the exact mode's adjoint (``mttlite.kernels``), and benchmarks measure the plain implementation.
+    """
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, InstanceNorm):
+                plain = nn.GroupNorm(child.num_channels, child.num_channels, eps=child.eps, affine=True)
+                plain.load_state_dict(child.state_dict())
+                setattr(module, name, plain.to(child.weight.device, child.weight.dtype))
+            elif isinstance(child, AvgPool2x2):
+                setattr(module, name, nn.AvgPool2d(2, 2))
+    return model
