@@ -449,8 +449,13 @@ def get_network(arch: str, channel: int, num_classes: int, im_size=(28, 28), wid
     ``width``, ``act`` and ``pooling`` configure ConvNet (and width the MLP); the fixed
     architectures ignore width and pooling and only accept act="relu".
     ``generator``: if given, parameters are re-drawn from it with PyTorch's default
-    initialisation (see ``reset_parameters``), independent of the global RNG.
+    initialisation (see ``reset_parameters``), independent of the global RNG, which is left
+    untouched (the modules' own initialisation draws from it and is undone).
     """
+    if generator is not None:
+        with torch.random.fork_rng(devices=[]):  # restores the global CPU RNG on exit
+            net = get_network(arch, channel, num_classes, im_size, width, depth, norm, act, pooling)
+        return reset_parameters(net, generator)
     key = arch.lower() if isinstance(arch, str) else arch
     if key not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
@@ -484,8 +489,6 @@ def get_network(arch: str, channel: int, num_classes: int, im_size=(28, 28), wid
             net = VGG11(channel, num_classes, im_size=im_size, norm=norm or "instancenorm")
         else:
             net = ResNet18(channel, num_classes, im_size=im_size, norm=norm or "batchnorm")
-    if generator is not None:
-        reset_parameters(net, generator)
     return net
 
 

@@ -51,6 +51,7 @@ def test_avg_pool_odd_sizes_fall_back_to_torch():
     torch.testing.assert_close(out, F.avg_pool2d(x, 2), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # raised inside torch.func.jvp
 def test_avg_pool_under_torch_func_matches_torch():
     xs = _rand(4, 2, 3, 6, 8, requires_grad=False)
 

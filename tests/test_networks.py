@@ -331,3 +331,11 @@ def test_generator_init_reproduces_pytorch_default_init(arch, norm):
     b = get_network(arch, 1, 10, (28, 28), width=8, norm=norm, generator=_gen(5))
     for (n, p), (_, q), (_, r) in zip(_state(ref).items(), _state(a).items(), _state(b).items()):
         assert torch.equal(p, q) and torch.equal(q, r), n
+
+
+def test_generator_init_leaves_the_global_rng_untouched():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    get_network("convnet", 1, 10, (28, 28), width=8, generator=_gen(0))
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
