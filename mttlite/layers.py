@@ -223,8 +223,8 @@ def torch_layers(model: nn.Module) -> nn.Module:
         for name, child in module.named_children():
             if isinstance(child, InstanceNorm):
                 plain = nn.GroupNorm(child.num_channels, child.num_channels, eps=child.eps, affine=True)
-                plain.load_state_dict(child.state_dict())
-                setattr(module, name, plain.to(child.weight.device, child.weight.dtype))
+                plain.to(child.weight.device, child.weight.dtype).load_state_dict(child.state_dict())
+                setattr(module, name, plain)
             elif isinstance(child, AvgPool2x2):
                 setattr(module, name, nn.AvgPool2d(2, 2))
     return model
