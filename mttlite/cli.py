@@ -27,7 +27,7 @@ SYMBOLS = {
     "pix_init": "initial pixels: 'real' (random real images of each class) or 'noise'",
     "gradient": "'exact' (adjoint: the paper's gradient, memory flat in N) or 'unroll' (naive, memory grows with N)",
     "compile": "torch.compile each student step (same gradient, elementwise work fused; compiling takes about a "
-               "minute per batch shape; on CPU it speeds up gradient=exact by ~7%% and slows down unroll)",
+               "minute per batch shape; on CPU about as fast as eager, docs/performance.md)",
     "alpha_param": "'linear' (paper; α may go negative and is then stopped) or 'log' (α = exp(a) > 0)",
     "seed": "random seed (same seed, same CPU result)",
     "checkpoint_every": "write a resumable checkpoint every this many iterations",

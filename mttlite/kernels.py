@@ -52,9 +52,10 @@ class StepKernels:
             return loss_fn
 
         grad_value = grad_and_value(loss_of(model))  # (θ, x̃, y) → (g, ℓ)
+        grad_value_plain = grad_and_value(loss_of(plain))  # the same, through torch's layers
 
         def s_fn(theta, x_aug, y, lam):
-            g, loss = grad_and_value(loss_of(plain))(theta, x_aug, y)
+            g, loss = grad_value_plain(theta, x_aug, y)
             s = (g * lam).sum()  # s = g · λ
             return s, (s, loss)
 
