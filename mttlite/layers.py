@@ -14,7 +14,7 @@ are the same two linear maps::
 P is linear, so its backward is Pᵀ, whose backward is P again: two ``autograd.Function`` s that
 call each other are differentiable to any order. torch's own kernels compute the same numbers to
 rounding (``avg_pool2d`` and ``avg_pool2d_backward``) but are generic in window, stride and
-padding: on CPU they take 3–4× longer than the two strided additions and two stacks below, and
+padding: on CPU they take 2–3.5× longer than the two strided additions and two stacks below, and
 pooling was an eighth of a distillation step's time (``docs/performance.md``).
 
 **Instance norm** (``GroupNorm(C, C)``: statistics per sample and channel over the D = H·W
