@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	MTTLITE_CI=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
+
+# The project's one GPU check (under 8 minutes on one GPU): tables in runs/gpu_check/gpu_check.md.
+# Copy data/FashionMNIST/raw/*.gz beside the checkout first on a machine without network.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --device cuda --out runs/gpu_check
 
 clean:
 	rm -rf runs .pytest_cache

@@ -28,10 +28,12 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--width", type=int, default=128, help="ConvNet width (128: the reference configuration)")
+    p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--modes", nargs="+", default=["reference", "unroll", "exact", "unroll+compile", "exact+compile"])
     a = p.parse_args()
     peak = matmul_gflops(device=a.device)
-    print(f"# iteration speed — {hardware()}; 1x28x28, IPC 10, width 128, N={a.steps}, device {a.device}")
+    print(f"# iteration speed — {hardware()}; 1x28x28, IPC {a.ipc}, width {a.width}, N={a.steps}, device {a.device}")
     print(f"# fp32 matrix product 3072x3072: {peak:.0f} GFLOP/s; allocator: "
           f"{malloc_mode()} (MTTLITE_MALLOC=default for glibc's defaults)")
     print("| mode | median s/iter | speed-up vs reference | all s/iter | first iter s | peak memory MiB | est. GFLOP/s "
@@ -39,7 +41,7 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|---|---|")
     rows, ref = [], None
     for mode in a.modes:
-        r = spawn(__file__, dict(mode=mode, syn_steps=a.steps, iters=a.iters, device=a.device))
+        r = spawn(__file__, dict(mode=mode, syn_steps=a.steps, iters=a.iters, device=a.device, width=a.width, ipc=a.ipc))
         rows.append(r)
         if "error" in r:
             print(f"| {mode} | error: {r['error']} | | | | | | |")

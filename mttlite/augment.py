@@ -45,6 +45,12 @@ call, uniformly, and applied to the whole batch. ``"M"``: every op, in order.
 Everything is drawn and turned into tensors (theta matrices, index maps) on the CPU
 and only then moved to ``x.device``: the same seed gives the same omega on CPU and GPU,
 and the global RNG is never touched.
+
+**Device.** The move is ``non_blocking`` (``_to_device``): a blocking host-to-GPU copy waits for
+the GPU's queue to drain (``cudaStreamSynchronize``), once per augmented batch. The CPU tensors
+are fresh, pageable temporaries, which CUDA stages before the call returns, so the asynchronous
+copy is safe. No op reads a value back: ``dsa`` never synchronises with the device, which
+tests/test_device_stages.py checks by running every op on torch's ``meta`` device.
 """
 
 from __future__ import annotations
@@ -125,9 +131,18 @@ def _randint(
     return k.expand(batch)
 
 
+def _to_device(t: Tensor, x: Tensor) -> Tensor:
+    """A CPU tensor ``t`` (already in its final dtype) on x's device, without waiting for the device.
+
+    ``non_blocking`` skips the stream synchronisation of a blocking host-to-device copy; safe here
+    because ``t`` is a pageable temporary (CUDA copies it to a staging buffer before returning).
+    """
+    return t.to(x.device, non_blocking=True)
+
+
 def _per_sample(v: Tensor, x: Tensor) -> Tensor:
     """(B,) CPU parameter -> (B, 1, 1, 1) on x's device and dtype, ready to broadcast."""
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return _to_device(v.to(x.dtype), x).view(-1, 1, 1, 1)
 
 
 # ---------------------------------------------------------------------------------
@@ -183,7 +198,7 @@ def rand_crop(
     # one gather on the flattened padded image: index = row * (W + 2) + col, (B, 1, H*W)
     idx = (rows[:, :, None] * (W + 2) + cols[:, None, :]).view(B, 1, H * W)
     x_pad = F.pad(x, [1, 1, 1, 1]).reshape(B, C, (H + 2) * (W + 2))
-    out = x_pad.gather(2, idx.to(x.device).expand(B, C, H * W))  # (B, C, H*W)
+    out = x_pad.gather(2, _to_device(idx, x).expand(B, C, H * W))  # (B, C, H*W)
     return out.view(B, C, H, W)
 
 
@@ -206,7 +221,7 @@ def rand_cutout(
     in_rows = (i >= top[:, None]) & (i < top[:, None] + k_h)  # (B, H)
     in_cols = (j >= left[:, None]) & (j < left[:, None] + k_w)  # (B, W)
     cut = in_rows[:, :, None] & in_cols[:, None, :]  # (B, H, W), True = zeroed
-    keep = (~cut).to(device=x.device, dtype=x.dtype)  # (B, H, W)
+    keep = _to_device((~cut).to(x.dtype), x)  # (B, H, W)
     return x * keep[:, None]
 
 
@@ -215,7 +230,7 @@ def rand_flip(
 ) -> Tensor:
     """Horizontal flip of the samples with u < prob_flip.   Draws: u (B,)."""
     flip = _uniform(gen, x, shared) < p.prob_flip  # (B,) bool
-    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+    return torch.where(_to_device(flip, x).view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def _warp(x: Tensor, theta: Tensor) -> Tensor:
@@ -226,7 +241,7 @@ def _warp(x: Tensor, theta: Tensor) -> Tensor:
     """
     if x.numel() == 0:  # affine_grid rejects empty sizes; nothing to sample
         return x.clone()
-    theta = theta.to(device=x.device, dtype=x.dtype)
+    theta = _to_device(theta.to(x.dtype), x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)  # (B, H, W, 2)
     return F.grid_sample(
         x, grid, mode="bilinear", padding_mode="zeros", align_corners=True

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields, replace
 
@@ -31,6 +32,8 @@ SYMBOLS = {
     "alpha_param": "'linear' (paper; α may go negative and is then stopped) or 'log' (α = exp(a) > 0)",
     "seed": "random seed (same seed, same CPU result)",
     "checkpoint_every": "write a resumable checkpoint every this many iterations",
+    "samples_per_iteration": "(expert, t) samples whose meta-gradients are averaged per iteration (default: one "
+                             "per torchrun rank, i.e. 1 in one process: the paper's algorithm)",
     "dataset": "data set name (see `mttlite presets` for names)",
 }
 
@@ -53,7 +56,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distillation settings (override the preset; paper symbols in brackets)")
     for f in fields(DistillConfig):
         typ = {"int": int, "float": float, "bool": _bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        if f.name == "batch_syn":
+        if f.name in ("batch_syn", "samples_per_iteration"):
             typ = _opt_int
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=SYMBOLS.get(f.name, ""))
 
@@ -84,6 +87,8 @@ def cmd_distill(args):
     config = _config_from(args)
     print("config:", config.to_dict())
     s = distill_set(config, args.buffer, args.out, data_root=args.data_root, device=args.device, resume=not args.restart)
+    if torch_rank() != 0:  # torchrun: rank 0 wrote the set
+        return
     s.save_png_grid(f"{args.out}/synset.png")
     print(f"saved {args.out}/synset.safetensors ({len(s.labels)} images, learned α = {s.syn_lr:.5g}) and {args.out}/synset.png")
 
@@ -193,15 +198,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_device(device: str) -> str:
+    """The device this process uses: under torchrun (``LOCAL_RANK`` set) a bare ``cuda`` means
+    ``cuda:LOCAL_RANK``, one GPU per rank; anything else is returned as given, after checking it exists."""
+    import os
+
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+        if dev.index is None and "LOCAL_RANK" in os.environ:
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return str(dev)
+
+
+def torch_rank() -> int:
+    from .ranks import process_group
+
+    return process_group()[0]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("distill", "demo"):
+    try:
+        if hasattr(args, "device"):
+            args.device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"mttlite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.command in ("distill", "demo") and getattr(args, "device", "cpu") == "cpu":
         from .perf import keep_freed_memory
 
-        # A one-command process: reuse freed pages instead of faulting in new ones (measured: 1.6–1.8×
+        # A one-command CPU process: reuse freed pages instead of faulting in new ones (measured: 1.6–1.8×
         # per distillation iteration). Not for `experts`: vmap-parallel experts keep more memory, and
-        # K = 16 at width 128 ran out of 24 GiB with it (docs/performance.md).
+        # K = 16 at width 128 ran out of 24 GiB with it (docs/performance.md). Not on GPUs: there it
+        # only makes host memory grow.
         keep_freed_memory()
+    if args.command in ("distill", "evaluate"):
+        from .ranks import init_distributed
+
+        # torchrun: distill samples one (expert, t) per rank and all-reduces the meta-gradients;
+        # evaluate trains network i on rank i % W. Rank 0 alone writes files and prints results.
+        if init_distributed(args.device) and torch_rank() != 0:
+            sys.stdout = open(os.devnull, "w")  # every rank holds the same results: print them once
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -124,6 +124,10 @@ class Dataset:
     test_images, test_labels: the same for the test split (whitened with the *train* ZCA)
     mean, std: the per-channel affine map applied to pixels p in [0, 1] (length C)
     zca: the fitted ZCA (on train p) or None
+    val_images, val_labels: a validation split held out of the training set (``holdout_validation``),
+        or None. Experts, distillation and baselines only ever see ``train_*``; the split is for
+        choosing anything that is chosen (iterations, learning rates) without touching the test set.
+    val_spec: how the split was carved, ``{"per_class": v, "seed": s}``, or None
     """
 
     name: str
@@ -135,6 +139,9 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     zca: ZCA | None = None
+    val_images: Tensor | None = None
+    val_labels: Tensor | None = None
+    val_spec: dict | None = None
 
     @property
     def channel(self) -> int:
@@ -167,6 +174,8 @@ class Dataset:
             test_images=self.test_images.to(device),
             test_labels=self.test_labels.to(device),
             zca=None if self.zca is None else self.zca.to(device),
+            val_images=None if self.val_images is None else self.val_images.to(device),
+            val_labels=None if self.val_labels is None else self.val_labels.to(device),
         )
 
     def _affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,6 +204,41 @@ class Dataset:
             f"test={tuple(self.test_images.shape)}, classes={self.num_classes}, "
             f"zca={f'eps={self.zca.eps:g}' if self.zca is not None else None}, device={self.device})"
         )
+
+
+def holdout_validation(dataset: Dataset, per_class: int, seed: int = 0) -> Dataset:
+    """A copy of ``dataset`` whose training set no longer holds ``per_class`` images of each class:
+    they become ``val_images`` / ``val_labels``, a split that experts, distillation and baselines
+    never see (they read ``train_*`` only).
+
+    The split is a pure function of (the training labels, ``per_class``, ``seed``): for each class
+    c, a permutation of its images drawn from ``torch.Generator().manual_seed(seed)`` (classes in
+    order), and its first ``per_class`` entries go to validation. Remaining training images keep
+    their original order. ZCA (if any) stays the one fitted on the full training set.
+    """
+    if dataset.val_images is not None:
+        raise ValueError(f"{dataset.name} already has a validation split ({dataset.val_spec})")
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    labels = dataset.train_labels.cpu()
+    counts = torch.bincount(labels, minlength=dataset.num_classes)
+    if per_class >= int(counts.min()):
+        raise ValueError(f"per_class={per_class} leaves no training image in the smallest class of "
+                         f"{dataset.name} ({int(counts.min())} images)")
+    gen = torch.Generator().manual_seed(int(seed))
+    val_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(dataset.num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        val_mask[members[torch.randperm(len(members), generator=gen)[:per_class]]] = True
+    keep, val = torch.nonzero(~val_mask).flatten(), torch.nonzero(val_mask).flatten()
+    dev = dataset.train_images.device
+    keep, val = keep.to(dev), val.to(dev)
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[keep].contiguous(), train_labels=dataset.train_labels[keep],
+        val_images=dataset.train_images[val].contiguous(), val_labels=dataset.train_labels[val],
+        val_spec={"per_class": int(per_class), "seed": int(seed)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------

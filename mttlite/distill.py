@@ -36,6 +36,7 @@ from .io import generator_state, load_tensors, save_tensors
 from .kernels import StepKernels
 from .meta_gradient import GRADIENT_MODES, meta_gradient
 from .params import ParamSpec
+from .ranks import process_group
 from .student import make_plan
 
 CHECKPOINT_FORMAT = "mttlite-checkpoint"
@@ -64,6 +65,9 @@ class DistillConfig:
     gradient: str = "exact"  # "exact" (adjoint, constant memory) or "unroll" (the paper's naive unroll)
     alpha_param: str = "linear"  # "linear" (paper) or "log" (α = exp(a) > 0 always)
     compile: bool = False  # torch.compile the student step (same arithmetic, fused; ~1 min to compile)
+    # (expert, t) samples whose meta-gradients are averaged per iteration; None = one per rank
+    # (1 in a single process: the paper's algorithm). Under torch.distributed each rank computes S / W.
+    samples_per_iteration: int | None = None
     seed: int = 0
     checkpoint_every: int = 50
 
@@ -82,6 +86,11 @@ class DistillConfig:
             errs.append(f"lr_lr must be >= 0 (0 freezes α), got {self.lr_lr!r}")
         if not 0 <= self.momentum < 1:
             errs.append(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.samples_per_iteration is not None and (
+                not isinstance(self.samples_per_iteration, int) or isinstance(self.samples_per_iteration, bool)
+                or self.samples_per_iteration < 1):
+            errs.append(f"samples_per_iteration must be None (one per rank) or a positive integer, "
+                        f"got {self.samples_per_iteration!r}")
         if self.batch_syn is not None and (not isinstance(self.batch_syn, int) or self.batch_syn < 1):
             errs.append(f"batch_syn must be None (all images) or a positive integer, got {self.batch_syn!r}")
         if self.pix_init not in PIX_INITS:
@@ -189,6 +198,11 @@ class Distiller:
         if len(expert_source) < 1:
             raise ValueError("the expert buffer holds no complete expert: run `mttlite experts` first")
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.rank, self.world_size = process_group()
+        S = config.samples_per_iteration or self.world_size
+        if S % self.world_size:
+            raise ValueError(f"samples_per_iteration={S} must be a multiple of the number of ranks ({self.world_size})")
+        self.samples_per_iteration = S
         self.images, self.labels = self._init_images()
         n = self.images.shape[0]
         if config.batch_syn is not None and config.batch_syn > n:
@@ -236,36 +250,83 @@ class Distiller:
         return self.alpha_raw.exp() if self.config.alpha_param == "log" else self.alpha_raw
 
     # -- one outer iteration -------------------------------------------------------------------
+    def _draw(self):
+        """One sample of the iteration's randomness: (expert, t, StepPlan), in the original draw order."""
+        c, g = self.config, self.generator
+        expert = int(torch.randint(len(self.experts), (1,), generator=g))
+        start = int(torch.randint(c.max_start_epoch, (1,), generator=g))  # t ~ U{0, …, T+−1}
+        return expert, start, make_plan(self.images.shape[0], c.syn_steps, c.batch_syn, g)
+
     def step(self) -> IterationInfo:
+        """One outer iteration: S = ``samples_per_iteration`` samples (expert, t), their meta-gradients
+        averaged, one SGD step on the pixels and on α.
+
+        All S samples are drawn on every rank from the shared generator (so every rank, and a resumed
+        run, stays in step); rank r computes samples r, r + W, … and the sums are all-reduced.
+        Nothing is read back to the host until the end, where every scalar of the iteration (the
+        guards' too) comes back in ONE sync.
+        """
         c, g = self.config, self.generator
         t0 = time.perf_counter()
         rng_before = g.get_state()
-        expert = int(torch.randint(len(self.experts), (1,), generator=g))
-        start = int(torch.randint(c.max_start_epoch, (1,), generator=g))  # t ~ U{0, …, T+−1}
-        plan = make_plan(self.images.shape[0], c.syn_steps, c.batch_syn, g)
-        theta_start = self.experts.flat(expert, start, device=self.device)  # θ*_t
-        theta_target = self.experts.flat(expert, start + c.expert_epochs, device=self.device)  # θ*_{t+M}
-
+        draws = [self._draw() for _ in range(self.samples_per_iteration)]
         alpha = self.syn_lr.detach()
-        mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target,
-                           self.images, self.labels, alpha, plan, self.dsa_strategy, kernels=self.kernels)
-        if not (torch.isfinite(mg.loss) and torch.isfinite(mg.images).all() and torch.isfinite(mg.syn_lr)):
-            g.set_state(rng_before)
-            raise DistillationDiverged(
-                f"iteration {self.iteration + 1}: the matching loss or its gradient is not finite "
-                f"(L = {mg.loss.item():.4g}, α = {alpha.item():.4g}). The student diverged: lower lr_img "
-                f"(now {c.lr_img:g}), lr_lr (now {c.lr_lr:g}) or max_start_epoch (now {c.max_start_epoch}). "
-                f"The state is the last good one (iteration {self.iteration})."
-            )
+        grad_x = torch.zeros_like(self.images)
+        grad_a = torch.zeros_like(alpha)
+        loss = torch.zeros_like(alpha)
+        still = torch.zeros_like(alpha)  # how many samples had an expert that did not move (den = 0)
+        student_losses = None
+        for expert, start, plan in draws[self.rank::self.world_size]:
+            theta_start = self.experts.flat(expert, start, device=self.device)  # θ*_t
+            theta_target = self.experts.flat(expert, start + c.expert_epochs, device=self.device)  # θ*_{t+M}
+            den = (theta_start - theta_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖²
+            still += (den == 0).to(still.dtype)
+            mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target,
+                               self.images, self.labels, alpha, plan, self.dsa_strategy, kernels=self.kernels)
+            grad_x += mg.images
+            grad_a += mg.syn_lr.reshape(())
+            loss += mg.loss.to(loss.dtype)
+            if student_losses is None:
+                student_losses = mg.student_losses
+        if self.world_size > 1:  # Σ over ranks, one collective: [∂L/∂x, ∂L/∂α, L, still]
+            packed = torch.cat([grad_x.flatten(), torch.stack([grad_a, loss, still]).to(grad_x.dtype)])
+            torch.distributed.all_reduce(packed)
+            grad_x = packed[:grad_x.numel()].view_as(grad_x)
+            grad_a, loss, still = (v.to(alpha.dtype) for v in packed[grad_x.numel():])
+        S = self.samples_per_iteration
+        if S > 1:  # the mean over the S samples
+            grad_x, grad_a, loss = grad_x / S, grad_a / S, loss / S
+
         # ∂L/∂a for α = a (linear) or α = exp(a) (log): chain rule by hand.
-        grad_raw = mg.syn_lr * (alpha if c.alpha_param == "log" else 1.0)
+        grad_raw = grad_a * (alpha if c.alpha_param == "log" else 1.0)
         backup = self._snapshot()
-        self.images.grad, self.alpha_raw.grad = mg.images, grad_raw.reshape(())
+        self.images.grad, self.alpha_raw.grad = grad_x, grad_raw.reshape(())
         self.opt_img.step()
         self.opt_lr.step()
         self.images.grad = self.alpha_raw.grad = None
-        new_alpha = self.syn_lr.item()
-        if not (math.isfinite(new_alpha) and new_alpha > 0 and torch.isfinite(self.images).all()):
+        # The one host sync of the iteration: every scalar the guards, the history and the callbacks need.
+        new_alpha_t = self.syn_lr.detach()
+        scalars = torch.stack([loss, grad_a, grad_x.norm().to(alpha.dtype), alpha, new_alpha_t, still,
+                               torch.isfinite(grad_x).all().to(alpha.dtype),
+                               torch.isfinite(self.images).all().to(alpha.dtype)]).double()
+        vals = torch.cat([scalars, student_losses.double()]).tolist()
+        L, dL_da, gnorm, alpha_v, new_alpha, n_still, grad_ok, img_ok = vals[:8]
+        student = vals[8:]
+        if n_still > 0:
+            self._restore(backup)
+            g.set_state(rng_before)
+            raise ValueError("the expert did not move between the start and target epochs "
+                             "(‖θ*_t − θ*_{t+M}‖ = 0): check the buffer (are its epochs distinct snapshots?)")
+        if not (math.isfinite(L) and math.isfinite(dL_da) and grad_ok):
+            self._restore(backup)
+            g.set_state(rng_before)
+            raise DistillationDiverged(
+                f"iteration {self.iteration + 1}: the matching loss or its gradient is not finite "
+                f"(L = {L:.4g}, α = {alpha_v:.4g}). The student diverged: lower lr_img "
+                f"(now {c.lr_img:g}), lr_lr (now {c.lr_lr:g}) or max_start_epoch (now {c.max_start_epoch}). "
+                f"The state is the last good one (iteration {self.iteration})."
+            )
+        if not (math.isfinite(new_alpha) and new_alpha > 0 and img_ok):
             self._restore(backup)
             g.set_state(rng_before)
             knob = "lr_lr" if not new_alpha > 0 else "lr_img"
@@ -277,11 +338,11 @@ class Distiller:
             )
         self.iteration += 1
         secs = time.perf_counter() - t0
-        self.history.loss.append(mg.loss.item())
+        self.history.loss.append(L)
         self.history.syn_lr.append(new_alpha)
         self.history.seconds.append(secs)
-        return IterationInfo(self.iteration, mg.loss.item(), new_alpha, mg.images.norm().item(), mg.syn_lr.item(),
-                             expert, start, mg.student_losses, secs, self.images)
+        expert, start, _ = draws[self.rank]
+        return IterationInfo(self.iteration, L, new_alpha, gnorm, dL_da, expert, start, student, secs, self.images)
 
     def _snapshot(self):
         return {k: v.clone() for k, v in self._tensors().items()}
@@ -345,11 +406,14 @@ def run(
     With ``resume`` and an existing ``run_dir/checkpoint.safetensors`` the run continues from it.
     On divergence (:class:`DistillationDiverged`) the last good state is saved before the
     exception propagates; after an interruption (Ctrl-C) the last periodic checkpoint stands.
+    Under ``torch.distributed`` every rank holds the same state; rank 0 alone writes and shows progress.
     """
     c = distiller.config
     ckpt = Path(run_dir) / "checkpoint.safetensors" if run_dir is not None else None
     if ckpt is not None and resume and ckpt.exists():
         distiller.load_checkpoint(ckpt)
+    if distiller.rank != 0:
+        ckpt, progress = None, False
     bar = tqdm(total=c.iterations, initial=distiller.iteration, disable=not progress, desc="distill", unit="it")
     try:
         while distiller.iteration < c.iterations:

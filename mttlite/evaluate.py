@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .augment import default_strategy, dsa, parse_strategy
 from .io import atomic_write
 from .networks import ARCHS, get_network
+from .ranks import process_group
 from .student import cross_entropy
 
 #: DC/DSA/DM's evaluation learning rate, used when the set carries no learned α.
@@ -195,12 +196,14 @@ def _draw_int(gen: torch.Generator) -> int:
 def fresh_network(protocol: EvalProtocol, dataset, gen: torch.Generator) -> nn.Module:
     """A randomly initialised evaluation network whose weights depend on ``gen`` only.
 
-    torch's default initialisers draw from the global RNG, so the network is built under
-    ``fork_rng`` seeded from ``gen``: the caller's global RNG state is left untouched.
+    torch's default initialisers draw from the global CPU RNG, so the network is built on the CPU
+    under ``fork_rng`` with that generator seeded from ``gen``: the caller's global RNG state is left
+    untouched. Only the CPU generator is seeded (``torch.manual_seed`` would also reseed every CUDA
+    generator, which ``fork_rng(devices=[])`` does not restore).
     """
     init_seed = _draw_int(gen)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
+        torch.random.default_generator.manual_seed(init_seed)
         return get_network(
             protocol.arch,
             dataset.channel,
@@ -230,8 +233,9 @@ def _check_set(images: Tensor, labels: Tensor, dataset) -> None:
     elif labels.dtype == torch.int64:
         if tuple(labels.shape) != (n,):
             raise ValueError(f"hard labels must have shape (n,) = ({n},); got {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= k:
-            raise ValueError(f"hard labels must lie in [0, {k}); got [{int(labels.min())}, {int(labels.max())}]")
+        low, high = torch.stack([labels.min(), labels.max()]).tolist()  # one read, once per evaluated set
+        if low < 0 or high >= k:
+            raise ValueError(f"hard labels must lie in [0, {k}); got [{low}, {high}]")
     else:
         raise ValueError(f"labels must be int64 class indices (n,) or float soft labels (n, K); got dtype {labels.dtype}")
 
@@ -239,6 +243,64 @@ def _check_set(images: Tensor, labels: Tensor, dataset) -> None:
 def hard_labels(labels: Tensor) -> Tensor:
     """(n,) class indices; soft labels (n, K) -> their argmax class."""
     return labels.argmax(1) if labels.is_floating_point() else labels
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor) -> Tensor:
+    """One training step of the evaluation network on one (already augmented) batch.
+
+        ℓ = CE(f(x_B; θ), y_B)                 (soft labels: −mean_b Σ_k p_bk log softmax(f(x_b))_k)
+        v ← μ v + (∇_θ ℓ + λ θ);   θ ← θ − η_e v                    (``opt``: torch.optim.SGD)
+
+    xb: (B, C, H, W), yb: (B,) int64 or (B, K) soft, on the model's device. Returns ℓ, a detached
+    0-d tensor on that device: nothing is read back to the host, so a loop of steps never waits
+    for the device."""
+    loss = cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()  # v ← μ v + (g + λ θ);  θ ← θ − η_e v
+    return loss.detach()
+
+
+def train_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    protocol: EvalProtocol,
+    lr: float,
+    gen: torch.Generator,
+    strategy: str,
+    progress: bool = False,
+) -> tuple[list[float], Tensor]:
+    """The protocol's ``protocol.epochs`` epochs of :func:`train_step` on (x, y), on x's device.
+
+    x: (n, C, H, W), y: (n,) or (n, K), on the model's device. Per epoch e: η_e on ``opt``, a
+    permutation of the n images from ``gen`` (CPU, then moved), batches of ``protocol.batch_size``,
+    each augmented with a fresh DSA seed from ``gen`` (if ``strategy``). Returns η_e per epoch and
+    totals (E,), a tensor on the device: totals[e] = Σ_b |B| ℓ_b. Nothing is read back to the
+    host, except (with ``progress``) one loss for the progress bar every E/10 epochs."""
+    n = x.shape[0]
+    lr_per_epoch, totals = [], []
+    report_every = max(1, protocol.epochs // 10)
+    epochs = tqdm(range(protocol.epochs), desc="epochs", leave=False, disable=not progress)
+    for epoch in epochs:
+        # η_e = η before E // 2, 0.1 η from then on (the only schedule change)
+        lr_e = lr * (LR_DECAY if epoch >= protocol.decay_epoch else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_e
+        model.train()
+        total = torch.zeros((), device=x.device)  # Σ_b |B| ℓ_b, summed on the device (no sync per step)
+        for idx in torch.randperm(n, generator=gen).split(protocol.batch_size):
+            idx = idx.to(x.device, non_blocking=True)  # a fresh CPU tensor: no need to wait for the device
+            xb = x[idx]  # (B, C, H, W)
+            if strategy:
+                xb = dsa(xb, strategy, seed=_draw_int(gen))  # A_ω(x_B), a fresh ω per batch
+            total += train_step(model, opt, xb, y[idx]) * idx.numel()
+        lr_per_epoch.append(lr_e)
+        totals.append(total)
+        if progress and ((epoch + 1) % report_every == 0 or epoch + 1 == protocol.epochs):
+            epochs.set_postfix(loss=f"{total.item() / n:.3f}")  # one read every E/10 epochs
+    return lr_per_epoch, torch.stack(totals)
 
 
 def train_on_set(
@@ -256,7 +318,9 @@ def train_on_set(
     images: (n, C, H, W) in the space the networks see; labels: (n,) int64 or (n, K) soft.
     Soft labels use ℓ = −mean_b Σ_k p_bk log softmax(f(x_b))_k.
     Randomness (init, then per epoch a permutation of the n images and one DSA seed per batch)
-    comes from ``torch.Generator().manual_seed(seed)``.
+    comes from ``torch.Generator().manual_seed(seed)``; the draws are made on the CPU and moved
+    to ``device``. The epochs are :func:`train_epochs`; their losses stay on the device and are
+    read once, after the last epoch.
 
     Returns the trained network (eval mode) and ``info``: lr_per_epoch, loss_per_epoch (mean
     training loss on the augmented batches), train_acc (un-augmented set), dsa_strategy, seed, seconds.
@@ -271,32 +335,10 @@ def train_on_set(
     strategy = resolve_strategy(protocol, dataset.name)
     gen = torch.Generator().manual_seed(int(seed))
 
-    model = fresh_network(protocol, dataset, gen).to(device)
+    model = fresh_network(protocol, dataset, gen).to(device, non_blocking=True)  # fresh CPU tensors: no wait
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
-
-    lr_per_epoch, loss_per_epoch = [], []
-    epochs = tqdm(range(protocol.epochs), desc="epochs", leave=False, disable=not progress)
-    for epoch in epochs:
-        # η_e = η before E // 2, 0.1 η from then on (the only schedule change)
-        lr_e = lr * (LR_DECAY if epoch >= protocol.decay_epoch else 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr_e
-        model.train()
-        total = torch.zeros((), device=device)  # Σ_b |B| ℓ_b, summed on the device (no sync per step)
-        for idx in torch.randperm(n, generator=gen).split(protocol.batch_size):
-            idx = idx.to(device)
-            xb = x[idx]  # (B, C, H, W)
-            if strategy:
-                xb = dsa(xb, strategy, seed=_draw_int(gen))  # A_ω(x_B), a fresh ω per batch
-            loss = cross_entropy(model(xb), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()  # v ← μ v + (g + λ θ);  θ ← θ − η_e v
-            total += loss.detach() * idx.numel()
-        lr_per_epoch.append(lr_e)
-        loss_per_epoch.append(total.item() / n)
-        if progress:
-            epochs.set_postfix(loss=f"{loss_per_epoch[-1]:.3f}")
+    lr_per_epoch, totals = train_epochs(model, opt, x, y, protocol, lr, gen, strategy, progress)
+    loss_per_epoch = [t / n for t in totals.tolist()]  # the run's one read of the losses
 
     model.eval()
     info = {
@@ -310,24 +352,32 @@ def train_on_set(
     return model, info
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tensor:
-    """argmax_k f(x)_k for every image, in eval mode (batch norm uses running statistics). -> (n,) int64."""
+def _predictions(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    """argmax_k f(x)_k, (n,) int64 on the model's device; images may live elsewhere (moved per chunk)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        preds = [model(xb.to(device)).argmax(1).cpu() for xb in images.split(batch_size)]
+        with torch.no_grad():
+            preds = [model(xb.to(device)).argmax(1) for xb in images.split(batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def predict(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tensor:
+    """argmax_k f(x)_k for every image, in eval mode (batch norm uses running statistics). -> (n,) int64 on the CPU."""
+    return _predictions(model, images, batch_size).cpu()
 
 
 def test_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1024) -> float:
-    """Fraction of ``images`` (n, C, H, W) whose predicted class equals ``labels`` (n,)."""
+    """Fraction of ``images`` (n, C, H, W) whose predicted class equals ``labels`` (n,).
+
+    Counted on the model's device; one host synchronisation (the final count)."""
     if images.shape[0] == 0:
         raise ValueError("test_accuracy needs at least one image")
-    correct = (predict(model, images, batch_size) == labels.cpu()).sum().item()
+    pred = _predictions(model, images, batch_size)
+    correct = (pred == labels.to(pred.device)).sum().item()
     return correct / images.shape[0]
 
 
@@ -380,23 +430,34 @@ def evaluate_set(
     _check_set(images, labels, dataset)
     eta = resolve_lr(protocol, lr)
     if protocol.val_fraction > 0:
-        val_idx = validation_indices(dataset, protocol.val_fraction)
+        val_idx = validation_indices(dataset, protocol.val_fraction).to(dataset.train_images.device)
         val = (dataset.train_images[val_idx], dataset.train_labels[val_idx])
+    elif getattr(dataset, "val_images", None) is not None:  # a split held out before anything trained
+        val = (dataset.val_images, dataset.val_labels)
     else:
         val = None
     # network i trains with seed_i, the i-th draw of the protocol's generator (so k=3 and k=5 share 3 nets)
     seeds = torch.randint(2**31, (protocol.num_nets,), generator=torch.Generator().manual_seed(protocol.seed)).tolist()
 
-    accs, val_accs, train_accs = [], [], []
-    nets = tqdm(seeds, desc=f"evaluating {protocol.arch}", disable=not progress)
-    for seed in nets:
-        model, info = train_on_set(images, labels, dataset, protocol, eta, seed, device=device)
-        accs.append(test_accuracy(model, dataset.test_images, dataset.test_labels))
-        train_accs.append(info["train_acc"])
-        if val is not None:
-            val_accs.append(test_accuracy(model, *val))
+    # Under torch.distributed, rank r trains networks r, r + W, …; the results are gathered so every
+    # rank returns the whole table (the same numbers as one process: each network has its own seed).
+    rank, world = process_group()
+    mine = list(range(rank, len(seeds), world))
+    rows = {}
+    nets = tqdm(mine, desc=f"evaluating {protocol.arch}", disable=not progress or rank != 0)
+    for i in nets:
+        model, info = train_on_set(images, labels, dataset, protocol, eta, seeds[i], device=device)
+        acc = test_accuracy(model, dataset.test_images, dataset.test_labels)
+        rows[i] = (acc, info["train_acc"], test_accuracy(model, *val) if val is not None else None)
         if progress:
-            nets.set_postfix(acc=f"{100 * accs[-1]:.2f}%")
+            nets.set_postfix(acc=f"{100 * acc:.2f}%")
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = {i: r for part in gathered for i, r in part.items()}
+    accs = [rows[i][0] for i in range(len(seeds))]
+    train_accs = [rows[i][1] for i in range(len(seeds))]
+    val_accs = [rows[i][2] for i in range(len(seeds))]
 
     return EvalResult(
         accs=accs,

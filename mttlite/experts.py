@@ -32,6 +32,13 @@ is *slower* (benchmarks/experts_throughput.py: 0.5-0.7x for K = 4..16 on one cor
 vmapped convolutions become grouped convolutions and GroupNorm's batching rule falls back to
 separate elementwise ops for the per-expert affine parameters.
 
+**Device.** Every tensor of a step lives on ``device``: the data set, θ, the momentum buffers,
+the batch indices (each expert's permutation is drawn on the CPU and moved once per epoch, without
+waiting for the device) and the DSA parameters (``augment.dsa``). A step (``_Group.next_batch``
+then ``_Group.train_step``) reads nothing back to the host; the epoch's loss and accuracy sums stay
+on the device (``_Group.epoch_sums``) and are read once per epoch. tests/test_device_stages.py runs
+both paths on torch's ``meta`` device to check it.
+
 **Resuming.** An expert's file is written (atomically) only once it is complete. Rerunning on the
 same directory skips complete experts after checking ``meta.json`` matches the request; a larger
 ``num_experts`` extends the buffer.
@@ -208,51 +215,90 @@ class _Group:
                 n: (p[k] if self.vmapped else p).detach().to("cpu", dtype, copy=True) for n, p in self.params.items()
             }
 
+    # -- one batch ------------------------------------------------------------------------------
+
+    def next_batch(self, X: Tensor, Y: Tensor, perms: list[Tensor], start: int) -> tuple[Tensor, Tensor]:
+        """The batch at position ``start`` of every expert's permutation, augmented.
+
+        X (N, C, H, W), Y (N,) and perms (K tensors (N,), on X's device) -> x, y of shapes
+        (K, B, C, H, W), (K, B) when vmapped, else (B, C, H, W), (B,). Draws one DSA seed per expert
+        from its generator (CPU), in expert order; the augmentation itself runs on X's device.
+        """
+        o = self.opts
+        xs, ys = [], []
+        for ex, perm in zip(self.experts, perms):
+            idx = perm[start : start + o["batch_real"]]
+            x = X[idx]
+            if o["dsa_strategy"]:
+                x = augment.dsa(x, o["dsa_strategy"], seed=draw_seed(ex.gen))  # A_ω(x), ω from expert's gen
+            xs.append(x)
+            ys.append(Y[idx])
+        if self.vmapped:
+            return torch.stack(xs), torch.stack(ys)  # (K, B, C, H, W), (K, B)
+        return xs[0], ys[0]
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One SGD step of every expert on its batch (``next_batch``'s shapes); θ is replaced.
+
+            g_k = ∇_θ ℓ(f(x_k; θ_k), y_k),   θ_k ← ``sgd_step``(θ_k, g_k)        for k = 1..K
+
+        Returns, measured before the step and left on the device (no host synchronisation):
+        loss (K,) the mean cross entropy of each expert's batch (training dtype), and
+        correct (K,) int64 how many of its B samples it classified right."""
+        o = self.opts
+        if self.vmapped:
+            grads, (loss, logits) = self._grad(self.params, x, y)  # grads (K, ...), loss (K,)
+        else:
+            theta = {n: p.requires_grad_(True) for n, p in self.params.items()}
+            loss, logits = loss_and_logits(self.net, theta, x, y)
+            g = torch.autograd.grad(loss, list(theta.values()))
+            grads = dict(zip(theta, g))
+            loss, logits, y = loss[None], logits[None], y[None]  # as if K = 1
+        with torch.no_grad():
+            self.params, self.momentum_buffers = sgd_step(
+                {n: p.detach() for n, p in self.params.items()},
+                grads,
+                lr=o["lr_teacher"],
+                momentum=o["momentum"],
+                weight_decay=o["weight_decay"],
+                momentum_buffers=self.momentum_buffers,
+            )
+            return loss.detach(), (logits.argmax(-1) == y).sum(-1)
+
     # -- one epoch ------------------------------------------------------------------------------
 
-    def train_epoch(self, X: Tensor, Y: Tensor) -> None:
-        """One pass over (X, Y) for every expert; appends train loss and accuracy (measured on the
-        augmented batches, before each step, like the reference ``epoch('train', ...)``)."""
-        o = self.opts
-        N, B = X.shape[0], o["batch_real"]
-        perms = [torch.randperm(N, generator=ex.gen).to(X.device) for ex in self.experts]
+    def permutations(self, N: int, device) -> list[Tensor]:
+        """One fresh permutation of range(N) per expert, drawn from its generator (CPU), on ``device``."""
+        return [torch.randperm(N, generator=ex.gen).to(device, non_blocking=True) for ex in self.experts]
+
+    def epoch_sums(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """One pass over (X, Y) for every expert (``next_batch`` then ``train_step`` per batch).
+
+        Returns loss_sum (K,) = Σ_batches B·ℓ and correct (K,) = Σ_batches (right answers), both
+        float64 on X's device: nothing is read back to the host during the epoch."""
+        N, B = X.shape[0], self.opts["batch_real"]
+        perms = self.permutations(N, X.device)
         K = len(self.experts)
         loss_sum = torch.zeros(K, device=X.device, dtype=torch.float64)
         correct = torch.zeros(K, device=X.device, dtype=torch.float64)
         for start in range(0, N, B):
-            xs, ys = [], []
-            for ex, perm in zip(self.experts, perms):
-                idx = perm[start : start + B]
-                x = X[idx]
-                if o["dsa_strategy"]:
-                    x = augment.dsa(x, o["dsa_strategy"], seed=draw_seed(ex.gen))  # A_ω(x), ω from expert's gen
-                xs.append(x)
-                ys.append(Y[idx])
-            if self.vmapped:
-                x, y = torch.stack(xs), torch.stack(ys)  # (K, B, C, H, W), (K, B)
-                grads, (loss, logits) = self._grad(self.params, x, y)  # grads (K, ...), loss (K,)
-            else:
-                x, y = xs[0], ys[0]
-                theta = {n: p.requires_grad_(True) for n, p in self.params.items()}
-                loss, logits = loss_and_logits(self.net, theta, x, y)
-                g = torch.autograd.grad(loss, list(theta.values()))
-                grads = dict(zip(theta, g))
-                loss, logits, y = loss[None], logits[None], y[None]  # as if K = 1
-            with torch.no_grad():
-                self.params, self.momentum_buffers = sgd_step(
-                    {n: p.detach() for n, p in self.params.items()},
-                    grads,
-                    lr=o["lr_teacher"],
-                    momentum=o["momentum"],
-                    weight_decay=o["weight_decay"],
-                    momentum_buffers=self.momentum_buffers,
-                )
-                n_b = y.shape[1]
-                loss_sum += loss.detach().double() * n_b
-                correct += (logits.argmax(-1) == y).sum(-1).double()
+            x, y = self.next_batch(X, Y, perms, start)
+            loss, n_right = self.train_step(x, y)
+            loss_sum += loss.double() * y.shape[-1]
+            correct += n_right.double()
+        return loss_sum, correct
+
+    def train_epoch(self, X: Tensor, Y: Tensor) -> None:
+        """One pass over (X, Y) for every expert; appends train loss and accuracy (measured on the
+        augmented batches, before each step, like the reference ``epoch('train', ...)``).
+
+        The sums stay on the device during the epoch (``epoch_sums``) and are read once, at its end."""
+        N = X.shape[0]
+        loss_sum, correct = self.epoch_sums(X, Y)
+        loss_sum, correct = loss_sum.tolist(), correct.tolist()  # the epoch's one host synchronisation
         for k, ex in enumerate(self.experts):
-            ex.train_loss.append(float(loss_sum[k]) / N)
-            ex.train_acc.append(float(correct[k]) / N)
+            ex.train_loss.append(loss_sum[k] / N)
+            ex.train_acc.append(correct[k] / N)
 
     @torch.no_grad()
     def evaluate(self, X: Tensor, Y: Tensor, chunk: int) -> None:
@@ -266,8 +312,9 @@ class _Group:
             else:
                 logits = functional_call(self.net, self.params, (x,))[None]
             correct += (logits.argmax(-1) == y).sum(-1).double()
+        correct = correct.tolist()  # one host synchronisation per evaluation
         for k, ex in enumerate(self.experts):
-            ex.test_acc.append(float(correct[k]) / X.shape[0])
+            ex.test_acc.append(correct[k] / X.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +438,8 @@ def train_experts(
         "mttlite_version": _version(),
         "torch_version": torch.__version__,
     }
+    if getattr(dataset, "val_spec", None):  # the experts never saw this held-out validation split
+        meta["val_holdout"] = dict(dataset.val_spec)
     write_or_check_meta(out, meta)
 
     done = set(list_experts(out))

@@ -17,11 +17,16 @@ from torch import Tensor
 from .params import ParamSpec
 
 
-def matching_loss(theta_student: Tensor, theta_start: Tensor, theta_target: Tensor) -> Tensor:
-    """L = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²; all arguments are flat (P,) vectors."""
+def matching_loss(theta_student: Tensor, theta_start: Tensor, theta_target: Tensor, check: bool = True) -> Tensor:
+    """L = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²; all arguments are flat (P,) vectors.
+
+    A zero denominator (the expert did not move) is a ValueError on the CPU when ``check``. On a
+    GPU the check would cost a host sync, so it is left to the caller there (the distillation loop
+    reads every scalar of an iteration in one sync and reports it then, and passes ``check=False``).
+    """
     num = (theta_student - theta_target).pow(2).sum()  # ‖θ̂_N − θ*_{t+M}‖²
     den = (theta_start - theta_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖²
-    if den.item() == 0:
+    if check and den.device.type == "cpu" and den.item() == 0:
         raise ValueError("the expert did not move between the start and target epochs (‖θ*_t − θ*_{t+M}‖ = 0)")
     return num / den
 

@@ -48,7 +48,7 @@ class MetaGradient:
     images: Tensor  # ∂L/∂x, (n_syn, C, H, W)
     labels: Tensor | None  # ∂L/∂y for learnable soft labels, else None
     syn_lr: Tensor  # ∂L/∂α (scalar)
-    student_losses: list[float]  # ℓ at each of the N student steps
+    student_losses: Tensor  # (N,) ℓ at each of the N student steps (on the device; read once per iteration)
 
 
 def meta_gradient(
@@ -70,7 +70,11 @@ def meta_gradient(
     ``theta_start`` = θ*_t and ``theta_target`` = θ*_{t+M} are flat (P,) expert parameters.
     Nothing is accumulated into ``.grad``: the caller decides what to do with the result.
     ``kernels``: optional compiled step functions (see the module docstring).
+
+    Device: everything runs on ``images.device`` (the plan's indices are moved there once) and
+    nothing inside the N-step loops reads a value back to the host, so a GPU never waits for the CPU.
     """
+    plan = plan.to(images.device)
     args = (model, spec, theta_start, theta_target, images, labels, syn_lr, plan, dsa_strategy, dsa_params, kernels)
     if mode == "unroll":
         return _unroll_gradient(*args)
@@ -90,7 +94,7 @@ def _unroll_gradient(model, spec, theta_start, theta_target, images, labels, syn
     y = labels.detach().requires_grad_(True) if _learn_labels(labels) else labels.detach()
     lr = syn_lr.detach().requires_grad_(True)
     res = unroll(model, spec, theta_start, x, y, lr, plan, dsa_strategy, dsa_params, create_graph=True, kernels=kernels)
-    loss = matching_loss(res.theta, theta_start, theta_target)
+    loss = matching_loss(res.theta, theta_start, theta_target, check=False)  # den = 0: the caller's check
     inputs = [x, lr] + ([y] if y.requires_grad else [])
     grads = torch.autograd.grad(loss, inputs)
     return MetaGradient(loss.detach(), grads[0], grads[2] if y.requires_grad else None, grads[1], res.losses)
@@ -110,7 +114,7 @@ def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, sy
     N, P = plan.syn_steps, theta_start.numel()
     thetas = theta_start.new_empty(N + 1, -(-P // 64) * 64)[:, :P]
     thetas[0] = theta_start.detach()
-    losses = []
+    losses = []  # ℓ_i as device tensors (no host sync in the loop)
     for i, (idx, seed) in enumerate(zip(plan.batches, plan.aug_seeds)):
         if kernels is None:
             th = thetas[i].detach().requires_grad_(True)
@@ -120,7 +124,7 @@ def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, sy
             with torch.no_grad():
                 g, loss_i = kernels.grad(thetas[i], dsa(x_all[idx], dsa_strategy, seed, dsa_params), y_all[idx])
         torch.sub(thetas[i], alpha * g, out=thetas[i + 1])  # θ_{i+1} = θ_i − α g_i
-        losses.append(loss_i.item())
+        losses.append(loss_i.detach())
 
     den = (theta_start - theta_target).pow(2).sum()
     theta_n = thetas[N]
@@ -156,4 +160,4 @@ def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, sy
         grad_alpha -= s.detach()  # ∂L/∂α −= g_i · λ_{i+1}
         if i > 0:
             lam = lam - alpha * d[0]  # λ_i = λ_{i+1} − α H_i λ_{i+1}
-    return MetaGradient(loss.detach(), grad_x, grad_y, grad_alpha, losses)
+    return MetaGradient(loss.detach(), grad_x, grad_y, grad_alpha, torch.stack(losses))

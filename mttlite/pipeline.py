@@ -69,7 +69,7 @@ def distill_set(config: DistillConfig, buffer, out_dir=None, dataset=None, data_
     d = make_distiller(config, buffer, dataset, data_root, device)
     run(d, out_dir, resume=resume, callbacks=callbacks, progress=progress)
     s = to_synset(d, buffer)
-    if out_dir is not None:
+    if out_dir is not None and d.rank == 0:  # under torch.distributed every rank holds the same set
         s.save(Path(out_dir) / "synset.safetensors")
     return s
 

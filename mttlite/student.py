@@ -40,6 +40,19 @@ class StepPlan:
     def syn_steps(self) -> int:
         return len(self.batches)
 
+    def to(self, device) -> "StepPlan":
+        """The same plan with its index tensors on ``device``, moved in ONE host-to-device copy.
+
+        ``make_plan`` draws on a CPU generator (same seed, same plan on every device); indexing a
+        GPU tensor with a CPU index would fail (``index_add_``) or copy the index at every step.
+        """
+        device = torch.device(device)
+        if all(b.device == device for b in self.batches):
+            return self
+        sizes = [len(b) for b in self.batches]
+        moved = torch.cat(self.batches).to(device).split(sizes)
+        return StepPlan(tuple(moved), self.aug_seeds)
+
 
 def make_plan(n_syn: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> StepPlan:
     """Draw the batches and augmentation seeds of ``syn_steps`` student steps.
@@ -103,7 +116,7 @@ def check_stateless(model: nn.Module) -> None:
 class UnrollResult:
     theta: Tensor  # θ̂_N, (P,)
     path: list[Tensor] | None  # [θ̂_0, ..., θ̂_N] (detached) when requested
-    losses: list[float]  # student training loss ℓ at each step
+    losses: Tensor  # (N,) student training loss ℓ at each step, detached, on the device (read it once)
 
 
 def unroll(
@@ -131,9 +144,10 @@ def unroll(
     kernels instead of eager autograd: the same steps, fused.
     """
     check_stateless(model)
+    plan = plan.to(images.device)
     theta = theta0.detach().requires_grad_(True)
     path = [theta.detach()] if return_path else None
-    losses = []
+    losses = []  # kept as device tensors: no host sync inside the loop
     for idx, seed in zip(plan.batches, plan.aug_seeds):
         if kernels is None:
             loss = student_loss(model, spec, theta, images[idx], labels[idx], dsa_strategy, seed, dsa_params)
@@ -145,7 +159,7 @@ def unroll(
         theta = theta - syn_lr * grad  # θ̂_{n+1} = θ̂_n − α g_n
         if not create_graph:
             theta = theta.detach().requires_grad_(True)
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if path is not None:
             path.append(theta.detach())
-    return UnrollResult(theta, path, losses)
+    return UnrollResult(theta, path, torch.stack(losses))

@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/00_quickstart.ipynb)
+#
 # # 00 · Quickstart: distil Fashion-MNIST into 10 images
 #
 # **Dataset distillation by Matching Training Trajectories** (MTT, Cazenavette et al., CVPR 2022)
@@ -27,25 +29,31 @@
 # matching loss, `04` the outer loop, `05` evaluation, `06` long vs short range, `07` memory,
 # `08` reproduction.
 #
-# **Run time** (shipped parameters): GPU (Colab T4) about 4 min (estimate: no GPU was available to
-# measure); CPU (2 cores) about 30 min, of which 22 min train the experts (estimated from measured
-# unit costs: 26 s per expert epoch and 2.3 s per distillation iteration at width 128). With
-# `MTTLITE_CI=1` or the CI parameters of `tests/test_notebooks.py`: 40 s on 2 CPU cores, expert
-# training included (measured). On a CPU, `width = 32` and `train_epochs = 5` give a usable result
-# in about 5 min.
+# **Run time** (shipped parameters): about 4 min on a Colab T4 GPU (estimate, not yet measured;
+# an H200 took 94 s, measured: 7 s experts, 69 s distillation, 10 s evaluation); CPU (2 cores)
+# about 30 min, of which 22 min train the experts (estimated from measured unit costs: 26 s per
+# expert epoch and 2.3 s per distillation iteration at width 128). With `MTTLITE_CI=1` or the CI
+# parameters of `tests/test_notebooks.py`: 40 s on 2 CPU cores, expert training included
+# (measured). On a CPU, `width = 32` and `train_epochs = 5` give a usable result in about 5 min.
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing (install once with
-# `pip install -e ".[notebooks]"` in a clone of the repository).
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()  # ipywidgets 8 in Colab
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -55,7 +63,6 @@ from pathlib import Path
 
 import plotly.express as px
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 
 from mttlite.data import load_dataset
@@ -63,10 +70,6 @@ from mttlite.distill import preset, run
 from mttlite.evaluate import EvalProtocol, evaluate_random_real, random_real_subset
 from mttlite.experts import train_experts
 from mttlite.pipeline import make_distiller, to_synset
-
-if "google.colab" not in sys.modules:
-    # plotly.js embedded in the notebook: figures render in JupyterLab, in nbconvert's HTML and offline.
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 # Parameters (papermill can override every one of them).
@@ -95,10 +98,9 @@ if os.environ.get("MTTLITE_CI") == "1":
     max_start_epoch, expert_epochs, eval_epochs, num_nets = 2, 2, 50, 2
     buffer_root = "runs/notebooks-ci/buffers"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)  # the library itself only uses explicit torch.Generator objects
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}, torch {torch.__version__}; expert buffer: {buffer_dir}")
+print(f"expert buffer: {buffer_dir}")
 
 # %% [markdown]
 # ## 1. The real data
@@ -169,7 +171,7 @@ fig.show()
 # %%
 protocol = EvalProtocol(arch="convnet", width=width, epochs=eval_epochs, num_nets=num_nets, seed=seed)
 print(protocol.describe())
-res_mtt = synset.evaluate(ds, protocol, progress=False)
+res_mtt = synset.evaluate(ds, protocol, device=device, progress=False)
 res_random = evaluate_random_real(ds, ipc, protocol, seed=seed, progress=False)
 print(f"MTT distilled : {res_mtt}")
 print(f"random real   : {res_random}")

@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/01_expert_trajectories.ipynb)
+#
 # # 01 · Expert trajectories
 #
 # MTT's targets are the parameter trajectories of networks trained on the real data — the
@@ -23,21 +25,29 @@
 #   2-D and 3-D with PCA, as interactive figures;
 # * how far each epoch moves the parameters — the scale the matching loss (notebook `03`) divides by.
 #
-# **Run time** (shipped parameters): GPU about 2 min (estimate); CPU (2 cores) about 22 min for the
-# experts (estimated: 5 experts x 10 epochs x 26 s), nothing if notebook `00` already trained them
-# (the buffer is shared). CI parameters: 10 s on 2 CPU cores once the CI buffer exists (measured).
+# **Run time** (shipped parameters): about 2 min on a Colab T4 GPU (estimate, not yet measured);
+# CPU (2 cores) about 22 min for the experts (estimated: 5 experts x 10 epochs x 26 s), nothing if
+# notebook `00` already trained them (the buffer is shared). CI parameters: 10 s on 2 CPU cores
+# once the CI buffer exists (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -47,7 +57,6 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 from IPython.display import display
 from plotly.subplots import make_subplots
@@ -56,9 +65,6 @@ from mttlite.data import load_dataset
 from mttlite.experts import train_experts
 from mttlite.params import ParamSpec
 from mttlite.pipeline import network_for
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 dataset = "fashion-mnist-mini"
@@ -74,10 +80,9 @@ if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs = 16, 2, 3
     buffer_root = "runs/notebooks-ci/buffers"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}; expert buffer: {buffer_dir}")
+print(f"expert buffer: {buffer_dir}")
 
 
 # %%

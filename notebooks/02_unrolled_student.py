@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/02_unrolled_student.ipynb)
+#
 # # 02 · The unrolled student
 #
 # Stage 2 of MTT. Pick an expert and a start epoch $t$. A **student** network starts *on* the
@@ -27,21 +29,28 @@
 # * the student's path drawn in the same PCA projection as the expert's, before and after a short
 #   distillation; widgets for $N$, $\alpha$ and $t$.
 #
-# **Run time** (shipped parameters): GPU under 1 min once the experts exist (estimate); CPU (2
-# cores) about 5 min, mostly the short distillation (estimated). CI parameters: 13 s on 2 CPU cores
-# (measured).
+# **Run time** (shipped parameters), once the experts exist: under 1 min on a Colab T4 GPU
+# (estimate, not yet measured); CPU (2 cores) about 5 min, mostly the short distillation
+# (estimated). CI parameters: 13 s on 2 CPU cores (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import copy
@@ -51,7 +60,6 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 import torch.nn.functional as F
 from IPython.display import display
@@ -66,9 +74,6 @@ from mttlite.matching import matching_loss
 from mttlite.params import ParamSpec
 from mttlite.pipeline import make_distiller, network_for
 from mttlite.student import StepPlan, make_plan, unroll
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 dataset = "fashion-mnist-mini"
@@ -92,10 +97,9 @@ if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, start_epoch, syn_steps, distill_iterations = 16, 2, 3, 1, 10, 10
     buffer_root = "runs/notebooks-ci/buffers"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}; expert buffer: {buffer_dir}")
+print(f"expert buffer: {buffer_dir}")
 
 
 # %%
@@ -284,7 +288,7 @@ results = {
     "one_step_diff_sgd": diff_sgd,
     "path_len": len(res_real.path),
     "num_params": spec.num_params,
-    "student_losses": res_real.losses,
+    "student_losses": [float(v) for v in res_real.losses],  # ℓ at each student step
     "L_real": L_real,
     "L_distilled": L_dist,
     "distill_loss_first": distiller.history.loss[0],

@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/03_matching_loss.ipynb)
+#
 # # 03 · The matching loss
 #
 # Stage 3 of MTT. After $N$ student steps from $\theta^*_t$, how far is the student from where the
@@ -24,20 +26,28 @@
 # * distance-to-target curves $L(n)$ for several $M$; widgets for $M$ and $N$ with the loss
 #   recomputed live.
 #
-# **Run time** (shipped parameters): GPU under 1 min once the experts exist (estimate); CPU (2
-# cores) about 1-2 min (estimated). CI parameters: 7 s on 2 CPU cores (measured).
+# **Run time** (shipped parameters), once the experts exist: under 1 min on a Colab T4 GPU
+# (estimate, not yet measured); CPU (2 cores) about 1-2 min (estimated). CI parameters: 7 s on 2 CPU
+# cores (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -46,7 +56,6 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 from IPython.display import display
 from plotly.subplots import make_subplots
@@ -59,9 +68,6 @@ from mttlite.matching import matching_breakdown, matching_loss
 from mttlite.params import ParamSpec
 from mttlite.pipeline import network_for
 from mttlite.student import make_plan, unroll
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 dataset = "fashion-mnist-mini"
@@ -83,10 +89,9 @@ if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, start_epoch, syn_steps = 16, 2, 3, 1, 10
     buffer_root = "runs/notebooks-ci/buffers"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}; expert buffer: {buffer_dir}")
+print(f"expert buffer: {buffer_dir}")
 
 
 # %%

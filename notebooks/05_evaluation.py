@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/05_evaluation.ipynb)
+#
 # # 05 · Evaluation: what the numbers in the papers mean
 #
 # A distilled set is judged by what it teaches a network **that never saw the real data**. DC, DSA,
@@ -25,21 +27,28 @@
 # What you will learn: the protocol in code; a random-real baseline of the same size;
 # cross-architecture transfer; a confusion matrix; the images per class with their accuracies.
 #
-# **Run time** (shipped parameters): GPU about 3-5 min once the experts exist (estimate; ResNet-18
-# and VGG-11 dominate); CPU (2 cores) about 30 min (estimated). CI parameters: 14 s on 2 CPU cores
-# (measured).
+# **Run time** (shipped parameters), once the experts exist: about 3-5 min on a Colab T4 GPU
+# (estimate, not yet measured; ResNet-18 and VGG-11 dominate); CPU (2 cores) about 30 min
+# (estimated). CI parameters: 14 s on 2 CPU cores (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -49,7 +58,6 @@ from pathlib import Path
 import ipywidgets as widgets
 import plotly.express as px
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 from IPython.display import display
 from plotly.subplots import make_subplots
@@ -66,9 +74,6 @@ from mttlite.evaluate import (
 from mttlite.experts import train_experts
 from mttlite.pipeline import distill_set
 from mttlite.synset import SyntheticSet
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 dataset = "fashion-mnist-mini"
@@ -95,10 +100,8 @@ if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     eval_epochs, num_nets, cross_archs, cross_num_nets = 50, 2, ["mlp", "lenet"], 1
     buffer_root = "runs/notebooks-ci/buffers"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}")
 
 # %% [markdown]
 # ## 1. A synthetic set to evaluate
@@ -146,7 +149,7 @@ fig.show()
 # $\eta = 0.01$ (it has no learned $\alpha$).
 
 # %%
-res_syn = synset.evaluate(ds, protocol, progress=False)
+res_syn = synset.evaluate(ds, protocol, device=device, progress=False)
 res_rand = evaluate_random_real(ds, ipc, protocol, seed=seed, progress=False)
 print(f"MTT          {res_syn}")
 print(f"random real  {res_rand}")
@@ -163,7 +166,8 @@ cross = {"convnet": (res_syn, res_rand)}
 for arch in cross_archs:
     p = EvalProtocol(arch=arch, width=width if arch in ("convnet", "mlp") else 128, epochs=eval_epochs,
                      num_nets=cross_num_nets, seed=seed)
-    cross[arch] = (synset.evaluate(ds, p, progress=False), evaluate_random_real(ds, ipc, p, seed=seed, progress=False))
+    cross[arch] = (synset.evaluate(ds, p, device=device, progress=False),
+                   evaluate_random_real(ds, ipc, p, seed=seed, progress=False))
     print(f"{arch:9s} MTT {100 * cross[arch][0].mean:5.1f}%   random real {100 * cross[arch][1].mean:5.1f}%")
 fig = go.Figure()
 for j, (name, color) in enumerate([("MTT distilled", "#1f77b4"), ("random real", "#999999")]):
@@ -217,7 +221,7 @@ def evaluate_live(arch, epochs, nets):
     p = EvalProtocol(arch=arch, width=width if arch in ("convnet", "mlp") else 128, epochs=epochs, num_nets=nets,
                      seed=seed)
     print(p.describe())
-    print("MTT        ", synset.evaluate(ds, p, progress=False))
+    print("MTT        ", synset.evaluate(ds, p, device=device, progress=False))
     print("random real", evaluate_random_real(ds, ipc, p, seed=seed, progress=False))
 
 

@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/06_long_vs_short_range.ipynb)
+#
 # # 06 · Long range vs short range: the paper's ablation, small
 #
 # MTT's claim: matching **long-range** behaviour — $N$ student steps against $M$ expert epochs —
@@ -25,21 +27,28 @@
 # This is a *small* ablation (few experts, few iterations, few epochs): the trend is what to read,
 # not the third digit.
 #
-# **Run time** (shipped parameters): GPU about 5 min once the experts exist (estimate); CPU (2
-# cores) about 50 min (estimated: 9 cells x 200 iterations, N = 30 costing about 3.5 s per
-# iteration). CI parameters: 13 s on 2 CPU cores (measured).
+# **Run time** (shipped parameters), once the experts exist: about 5 min on a Colab T4 GPU
+# (estimate, not yet measured); CPU (2 cores) about 50 min (estimated: 9 cells x 200 iterations,
+# N = 30 costing about 3.5 s per iteration). CI parameters: 13 s on 2 CPU cores (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -50,7 +59,6 @@ from pathlib import Path
 import ipywidgets as widgets
 import plotly.express as px
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 from IPython.display import display
 
@@ -63,9 +71,6 @@ from mttlite.matching import matching_loss
 from mttlite.params import ParamSpec
 from mttlite.pipeline import make_distiller, network_for, to_synset
 from mttlite.student import make_plan, unroll
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 dataset = "fashion-mnist-mini"
@@ -91,10 +96,9 @@ if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     grid_syn_steps, grid_expert_epochs, eval_epochs, num_nets = [1, 10], [1, 2], 50, 1
     buffer_root = "runs/notebooks-ci/buffers"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}; expert buffer: {buffer_dir}")
+print(f"expert buffer: {buffer_dir}")
 
 # %%
 ds = load_dataset(dataset, device=device)
@@ -155,7 +159,7 @@ for N in grid_syn_steps:
         d = make_distiller(cfg, buffer, dataset=ds, device=device)
         run(d, progress=False)
         s = to_synset(d, buffer)
-        r = s.evaluate(ds, protocol, progress=False)
+        r = s.evaluate(ds, protocol, device=device, progress=False)
         cells[(N, M)] = {"acc": r.mean, "std": r.std, "syn_lr": s.syn_lr, "loss": list(d.history.loss), "synset": s}
         print(f"N = {N:3d}, M = {M}: accuracy {100 * r.mean:5.1f} ± {100 * r.std:.1f}%, α = {s.syn_lr:.4g}, "
               f"L {d.history.loss[0]:.3f} → {d.history.loss[-1]:.3f}  ({time.perf_counter() - t0:.0f} s)")

@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/07_memory_and_speed.ipynb)
+#
 # # 07 · Memory and speed: the naive unroll vs the exact constant-memory gradient
 #
 # The meta-gradient $\partial\mathcal{L}/\partial(x, \alpha)$ goes back through all $N$ student steps. The
@@ -22,20 +24,27 @@
 # $N$, **measured live** (peak RSS of a fresh subprocess per configuration on CPU,
 # `torch.cuda.max_memory_allocated` on GPU).
 #
-# **Run time** (shipped parameters): GPU about 1 min (estimate); CPU (2 cores) about 2 min
-# (estimated). CI parameters: 18 s on 2 CPU cores (measured).
+# **Run time** (shipped parameters): about 1 min on a Colab T4 GPU (estimate, not yet measured);
+# CPU (2 cores) about 2 min (estimated). CI parameters: 18 s on 2 CPU cores (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
-    from google.colab import output as _colab_output
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
 
-    _colab_output.enable_custom_widget_manager()
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -45,7 +54,6 @@ import textwrap
 from pathlib import Path
 
 import ipywidgets as widgets
-import plotly.io as pio
 import torch
 from IPython.display import display
 from plotly.subplots import make_subplots
@@ -54,9 +62,6 @@ from mttlite.meta_gradient import meta_gradient
 from mttlite.networks import get_network
 from mttlite.params import ParamSpec
 from mttlite.student import make_plan
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 width = 128  # ConvNet-3 width
@@ -73,9 +78,7 @@ results_path = None
 if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     width, ipc, syn_steps_list = 16, 2, [2, 8, 16]
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
-print(f"device: {device}")
 
 # %% [markdown]
 # ## 1. The derivation

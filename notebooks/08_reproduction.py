@@ -7,6 +7,8 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/08_reproduction.ipynb)
+#
 # # 08 · Reproduction: one parametrised run, headless
 #
 # This notebook is a *job*: experts → distillation with a preset → evaluation against the
@@ -28,18 +30,28 @@
 # The paper symbols: $N$ = `syn_steps`, $M$ = `expert_epochs`, $T^+$ = `max_start_epoch`,
 # $\alpha$ = `syn_lr` (initialised to `lr_teacher`), `ipc` images per class, `lr_img`, `lr_lr`.
 #
-# **Run time** (shipped parameters): GPU about 4 min (estimate); CPU (2 cores) about 45 min with the
-# experts (estimated: 500 iterations x 2.3 s plus 22 min of experts). CI parameters: 12 s on 2 CPU
-# cores once the buffer exists (measured).
+# **Run time** (shipped parameters): about 4 min on a Colab T4 GPU (estimate, not yet measured);
+# CPU (2 cores) about 45 min with the experts (estimated: 500 iterations x 2.3 s plus 22 min of
+# experts). CI parameters: 12 s on 2 CPU cores once the buffer exists (measured).
 
 # %%
-# Colab only: install mttlite. Anywhere else this cell does nothing.
+# Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
+# Colab has plotly and ipywidgets); where mttlite is importable already (a local clone, CI) it
+# installs nothing. MTTLITE_REQUIREMENT is written from pyproject.toml by `make notebooks`.
+import importlib.util
 import subprocess
 import sys
 
-MTTLITE_PIP = "mttlite[notebooks] @ git+https://github.com/mttlite/mttlite.git"  # set to this repository's URL
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_PIP], check=True)
+MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+if importlib.util.find_spec("mttlite") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
+    importlib.invalidate_caches()
+
+from mttlite.notebook import setup
+
+# "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
+# turns on the widget manager that the sliders and progress bars need
+device = setup()
 
 # %%
 import json
@@ -49,7 +61,6 @@ import time
 from pathlib import Path
 
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 
 import mttlite
@@ -59,9 +70,6 @@ from mttlite.evaluate import EvalProtocol, evaluate_random_real
 from mttlite.experts import train_experts
 from mttlite.io import atomic_write, load_tensors
 from mttlite.pipeline import distill_set
-
-if "google.colab" not in sys.modules:
-    pio.renderers.default = "plotly_mimetype+notebook"
 
 # %% tags=["parameters"]
 dataset = "fashion-mnist-mini"  # any mttlite data set, e.g. fashion-mnist, cifar10
@@ -90,7 +98,6 @@ if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
     eval_epochs, num_nets = 50, 2
     buffer_root, out_dir = "runs/notebooks-ci/buffers", "runs/notebooks-ci/reproduction"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(seed)
 overrides = {k: v for k, v in {"syn_steps": syn_steps, "expert_epochs": expert_epochs,
                                    "max_start_epoch": max_start_epoch}.items() if v is not None}
@@ -99,7 +106,7 @@ run_name = run_name or f"{dataset}-ipc{ipc}-{preset_name}"
 run_dir = Path(out_dir) / run_name
 run_dir.mkdir(parents=True, exist_ok=True)
 buffer_dir = Path(buffer_root) / f"{dataset}{'-zca' if config.zca else ''}-convnet-w{width}-e{train_epochs}"
-print(f"device: {device}\nrun: {run_dir}\nbuffer: {buffer_dir}\n{config}")
+print(f"run: {run_dir}\nbuffer: {buffer_dir}\n{config}")
 print("available presets:", ", ".join(sorted(PRESETS)))
 
 # %% [markdown]
@@ -132,7 +139,7 @@ print(synset, f"\nfinal loss {losses[-1]:.4f}, learned α = {synset.syn_lr:.4g}"
 # %%
 protocol = EvalProtocol(arch="convnet", width=width, epochs=eval_epochs, num_nets=num_nets, seed=seed)
 print(protocol.describe())
-res_mtt = synset.evaluate(ds, protocol)
+res_mtt = synset.evaluate(ds, protocol, device=device)
 res_rand = evaluate_random_real(ds, ipc, protocol, seed=seed)
 t_eval = time.perf_counter()
 print(f"MTT          {res_mtt}\nrandom real  {res_rand}")

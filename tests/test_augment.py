@@ -4,6 +4,9 @@ Where a test needs the drawn parameters omega it replays them from the documente
 randomness contract (one CPU generator seeded with `seed`: the op index in mode "S",
 then each op's draws in order) and checks the output against an independent
 per-sample, loop-based NumPy computation, or against torchvision.
+
+The images live on the ``device`` fixture (tests/conftest.py: ``MTTLITE_TEST_DEVICE``, default
+CPU); omega is drawn on the CPU whatever the device, so the same references apply.
 """
 
 from __future__ import annotations
@@ -95,21 +98,21 @@ def test_default_strategy():
     assert default_strategy("cifar10") == DSA_STRATEGY
 
 
-def test_bad_inputs_raise():
-    x = torch.rand(2, 1, 6, 6)
+def test_bad_inputs_raise(device):
+    x = torch.rand(2, 1, 6, 6).to(device)
     with pytest.raises(ValueError, match="mode"):
         dsa(x, DSA_STRATEGY, 0, mode="X")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        dsa(torch.rand(1, 6, 6), DSA_STRATEGY, 0)
+        dsa(torch.rand(1, 6, 6).to(device), DSA_STRATEGY, 0)
     with pytest.raises(ValueError, match="floating"):
-        dsa(torch.ones(2, 1, 6, 6, dtype=torch.long), DSA_STRATEGY, 0)
+        dsa(torch.ones(2, 1, 6, 6, dtype=torch.long).to(device), DSA_STRATEGY, 0)
     with pytest.raises(ValueError, match="valid ops"):
         dsa(x, "crop_blur", 0)
 
 
 @pytest.mark.parametrize("empty", [None, "", "none"])
-def test_empty_strategy_is_identity(empty):
-    x = torch.rand(3, 2, 5, 5, requires_grad=True)
+def test_empty_strategy_is_identity(empty, device):
+    x = torch.rand(3, 2, 5, 5).to(device).requires_grad_(True)
     y = dsa(x, empty, seed=123)
     assert y is x
 
@@ -117,9 +120,10 @@ def test_empty_strategy_is_identity(empty):
 # ------------------------------------------------------------- randomness contract
 
 
-def test_same_seed_bitwise_different_seed_differs_global_rng_untouched():
-    x = torch.rand(6, 3, 8, 8)
+def test_same_seed_bitwise_different_seed_differs_global_rng_untouched(device):
+    x = torch.rand(6, 3, 8, 8).to(device)
     state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     for mode in ("S", "M"):
         assert torch.equal(
             dsa(x, DSA_STRATEGY, 7, mode=mode), dsa(x, DSA_STRATEGY, 7, mode=mode)
@@ -128,15 +132,17 @@ def test_same_seed_bitwise_different_seed_differs_global_rng_untouched():
             dsa(x, "color", 7, mode=mode), dsa(x, "color", 8, mode=mode)
         )
     outs = [dsa(x, DSA_STRATEGY, s) for s in range(10)]
-    assert len({o.numpy().tobytes() for o in outs}) == 10
+    assert len({o.cpu().numpy().tobytes() for o in outs}) == 10
     assert torch.equal(
         torch.get_rng_state(), state
     )  # only the explicit generator was used
+    if cuda_state is not None:  # the device's generator was not touched either
+        assert torch.equal(torch.cuda.get_rng_state(device), cuda_state)
 
 
-def test_cpu_determinism_across_calls_and_dtypes():
+def test_determinism_across_calls_and_dtypes(device):
     """Replays agree bitwise; float32 and float64 runs receive the same omega."""
-    x64 = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    x64 = torch.rand(4, 3, 8, 8, dtype=torch.float64).to(device)
     x32 = x64.float()
     for seed in range(4):
         a = dsa(x32, DSA_STRATEGY, seed, mode="M")
@@ -146,19 +152,20 @@ def test_cpu_determinism_across_calls_and_dtypes():
         torch.testing.assert_close(a.double(), c, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cpu_and_gpu_receive_the_same_transform():
+def test_cpu_and_device_receive_the_same_transform(device):
+    if device.type == "cpu":
+        pytest.skip("compares the CPU with another device: set MTTLITE_TEST_DEVICE=cuda (or mps)")
     x = torch.rand(5, 3, 8, 8)
     for op in ALL_OPS:
         for seed in range(3):
             cpu = dsa(x, op, seed)
-            gpu = dsa(x.cuda(), op, seed).cpu()
-            torch.testing.assert_close(gpu, cpu, atol=1e-5, rtol=1e-5)
+            dev = dsa(x.to(device), op, seed).cpu()
+            torch.testing.assert_close(dev, cpu, atol=1e-5, rtol=1e-5)
 
 
-def test_mode_s_picks_one_op_uniformly():
+def test_mode_s_picks_one_op_uniformly(device):
     """'flip_cutout' on positive images: a call either cuts (zeros appear) or only flips."""
-    x = torch.rand(4, 1, 8, 8) + 0.1
+    x = (torch.rand(4, 1, 8, 8) + 0.1).to(device)
     n_cut = 0
     for seed in range(60):
         y = dsa(x, "flip_cutout", seed)
@@ -179,8 +186,8 @@ def test_mode_s_picks_one_op_uniformly():
     assert 15 <= n_cut <= 45
 
 
-def test_mode_m_applies_every_op_in_order():
-    x = torch.rand(3, 2, 8, 8)
+def test_mode_m_applies_every_op_in_order(device):
+    x = torch.rand(3, 2, 8, 8).to(device)
     g = replay(5, n_ops=None)
     expected = rand_flip(rand_crop(x, g), g)
     assert torch.equal(dsa(x, "crop_flip", 5, mode="M"), expected)
@@ -191,23 +198,23 @@ def test_mode_m_applies_every_op_in_order():
 
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("shared", [False, True])
-def test_gradient_matches_central_finite_differences(op, shared):
+def test_gradient_matches_central_finite_differences(op, shared, device):
     """Every op is affine in x for fixed omega, so central differences are exact up to rounding."""
     channels = 3 if op == "color" else 1  # saturation is the identity on one channel
-    x = torch.rand(2, channels, 6, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(2, channels, 6, 6, dtype=torch.float64).to(device).requires_grad_(True)
     f = lambda x: dsa(x, op, seed=11, shared=shared)
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_gradient_full_strategy_mode_m():
-    x = torch.rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+def test_gradient_full_strategy_mode_m(device):
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64).to(device).requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda x: dsa(x, DSA_STRATEGY, 3, mode="M"), (x,), eps=1e-6, atol=1e-8
     )
 
 
-def test_differentiable_in_x_only():
-    x = torch.rand(2, 3, 6, 6)
+def test_differentiable_in_x_only(device):
+    x = torch.rand(2, 3, 6, 6).to(device)
     for op in ALL_OPS:
         assert not dsa(x, op, 0, mode="M").requires_grad  # omega carries no graph
         assert dsa(x.requires_grad_(), op, 0, mode="M").requires_grad
@@ -217,29 +224,29 @@ def test_differentiable_in_x_only():
 # ---------------------------------------------------------- ops vs hand computation
 
 
-def test_flip_against_replayed_draws():
+def test_flip_against_replayed_draws(device):
     x = torch.rand(8, 2, 5, 5)
     seed = 0
-    y = dsa(x, "flip", seed)
+    y = dsa(x.to(device), "flip", seed).cpu()
     flipped = torch.rand(8, generator=replay(seed)) < 0.5
     assert 0 < int(flipped.sum()) < 8  # this seed exercises both branches
     for b in range(8):
         assert torch.equal(y[b], x[b].flip(-1) if flipped[b] else x[b])
 
 
-def test_brightness_offset():
+def test_brightness_offset(device):
     x = torch.rand(5, 3, 4, 4)
-    y = rand_brightness(x, torch.Generator().manual_seed(9))
+    y = rand_brightness(x.to(device), torch.Generator().manual_seed(9)).cpu()
     offset = torch.rand(5, generator=torch.Generator().manual_seed(9)) - 0.5
     torch.testing.assert_close(
         y - x, offset.view(5, 1, 1, 1).expand_as(x), atol=1e-6, rtol=0
     )
 
 
-def test_color_against_numpy():
+def test_color_against_numpy(device):
     x = torch.rand(4, 3, 5, 5, dtype=torch.float64)
     seed = 2
-    y = dsa(x, "color", seed).numpy()
+    y = dsa(x.to(device), "color", seed).cpu().numpy()
     g = replay(seed)
     ub, us, uc = (torch.rand(4, generator=g).double().numpy() for _ in range(3))
     p = DSAParams()
@@ -252,11 +259,11 @@ def test_color_against_numpy():
         np.testing.assert_allclose(y[b], z, rtol=0, atol=1e-12)
 
 
-def test_crop_is_a_zero_filled_shift():
+def test_crop_is_a_zero_filled_shift(device):
     H, W = 16, 24  # non-square: the row and column shift ranges differ
     x = torch.rand(6, 2, H, W)
     seed = 4
-    y = dsa(x, "crop", seed)
+    y = dsa(x.to(device), "crop", seed).cpu()
     g = replay(seed)
     s_h, s_w = 2, 3  # round(16 * 0.125), round(24 * 0.125)
     ty = torch.randint(-s_h, s_h + 1, (6,), generator=g)
@@ -271,10 +278,10 @@ def test_crop_is_a_zero_filled_shift():
         assert torch.equal(y[b], ref)
 
 
-def test_cutout_zeroes_the_expected_square():
+def test_cutout_zeroes_the_expected_square(device):
     x = torch.rand(32, 3, 16, 16) + 0.1  # strictly positive: zeros mark the cut
     seed = 1
-    y = dsa(x, "cutout", seed)
+    y = dsa(x.to(device), "cutout", seed).cpu()
     g = replay(seed)
     k = 8  # round(16 * 0.5), even -> centres in {0..16}
     oy, ox = (
@@ -300,10 +307,10 @@ def test_cutout_zeroes_the_expected_square():
     assert 0 < n_inside < 32  # both interior and border-clipped squares were checked
 
 
-def test_scale_against_hand_bilinear():
+def test_scale_against_hand_bilinear(device):
     x = torch.rand(3, 2, 7, 9, dtype=torch.float64)
     seed = 6
-    y = dsa(x, "scale", seed).numpy()
+    y = dsa(x.to(device), "scale", seed).cpu().numpy()
     g = replay(seed)
     r = 1.2
     sx = torch.rand(3, generator=g).double().numpy() * (r - 1 / r) + 1 / r
@@ -315,10 +322,10 @@ def test_scale_against_hand_bilinear():
         )
 
 
-def test_rotate_against_torchvision_and_hand_bilinear():
+def test_rotate_against_torchvision_and_hand_bilinear(device):
     x = torch.rand(3, 2, 9, 9, dtype=torch.float64)
     seed = 8
-    y = dsa(x, "rotate", seed)
+    y = dsa(x.to(device), "rotate", seed).cpu()
     deg = (torch.rand(3, generator=replay(seed)).double() - 0.5) * 2 * 15.0
     for b in range(3):
         ref_tv = TF.rotate(
@@ -338,8 +345,8 @@ def test_rotate_against_torchvision_and_hand_bilinear():
 
 
 @pytest.mark.parametrize("strategy", list(ALL_OPS) + [DSA_STRATEGY])
-def test_shared_gives_same_transform_across_batch_sizes(strategy):
-    real = torch.rand(7, 3, 8, 8)
+def test_shared_gives_same_transform_across_batch_sizes(strategy, device):
+    real = torch.rand(7, 3, 8, 8).to(device)
     syn = real[[4, 1]].clone()  # a smaller batch holding two of the same images
     for mode in ("S", "M"):
         for seed in range(3):
@@ -348,8 +355,8 @@ def test_shared_gives_same_transform_across_batch_sizes(strategy):
             torch.testing.assert_close(y_syn, y_real[[4, 1]], atol=1e-6, rtol=1e-6)
 
 
-def test_shared_uses_one_draw_for_the_batch():
-    x = torch.rand(6, 1, 8, 8)
+def test_shared_uses_one_draw_for_the_batch(device):
+    x = torch.rand(6, 1, 8, 8).to(device)
     d = dsa(x, "color", 3, shared=True) - x  # one channel: brightness, then contrast
     # contrast scales deviations from each image's mean by the same factor c for every sample
     dev_in = x - x.mean(dim=(1, 2, 3), keepdim=True)

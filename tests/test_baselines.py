@@ -1,6 +1,10 @@
 """Baselines: every method builds a valid set; herding, k-center and forgetting satisfy their defining
 properties against brute force / hand-built answers; the DC distances and the DM loss match
-hand-computed values; gradient matching lowers its loss on a tiny problem."""
+hand-computed values; gradient matching lowers its loss on a tiny problem.
+
+Tests that build sets or compute losses take the ``device`` fixture (tests/conftest.py; CPU by
+default): the data set is moved there and the methods run with ``device=``. The bitwise-determinism
+test stays on the CPU (same seed, same CPU result; GPU kernels are not bit-reproducible)."""
 from __future__ import annotations
 
 import itertools
@@ -88,10 +92,11 @@ def _check_valid(s: SyntheticSet, ds, ipc: int, method: str):
 
 @pytest.mark.parametrize("ipc", [1, 10])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_builds_a_valid_set(method, ipc, small, buffer):
+def test_every_method_builds_a_valid_set(method, ipc, small, buffer, device):
     kw = dict(FAST[method], buffer=buffer) if method == "mtt" else dict(FAST[method])
-    s = make_set(method, small, ipc, seed=3, **kw)
+    s = make_set(method, small.to(device), ipc, seed=3, device=device, **kw)
     _check_valid(s, small, ipc, method)
+    assert s.provenance["cost"]["device"] == str(device)
     if method in CORESETS:  # selections are real training images of the right class
         idx = torch.tensor(s.provenance["indices"]) if method != "random" else None
         if idx is not None:
@@ -153,11 +158,11 @@ def test_make_set_errors(small):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_herding_greedy_step_is_the_brute_force_best():
+def test_herding_greedy_step_is_the_brute_force_best(device):
     gen = torch.Generator().manual_seed(0)
     for trial in range(5):
         pts = torch.randn(14, 2, generator=gen, dtype=torch.float64) * torch.tensor([3.0, 0.5], dtype=torch.float64)
-        order = herding(pts, 8).tolist()
+        order = herding(pts.to(device), 8).tolist()  # picked on the device, returned on the CPU
         mu = pts.mean(0)
         chosen = []
         for j in order:
@@ -168,21 +173,21 @@ def test_herding_greedy_step_is_the_brute_force_best():
         assert len(set(order)) == 8
 
 
-def test_kcenter_picks_farthest_and_is_within_twice_optimal():
+def test_kcenter_picks_farthest_and_is_within_twice_optimal(device):
     gen = torch.Generator().manual_seed(1)
     for trial in range(6):
         pts = torch.rand(9, 2, generator=gen, dtype=torch.float64)
         k = 3
         opt = min(covering_radius(pts, torch.tensor(c)) for c in itertools.combinations(range(9), k))
         for first in range(9):
-            order = kcenter_greedy(pts, k, first).tolist()
+            order = kcenter_greedy(pts.to(device), k, first).tolist()
             assert order[0] == first
             for step in range(1, k):
                 centres = order[:step]
                 # brute force: each point's distance to its nearest centre, by a python loop
                 dmin = [min(math.dist(pts[i].tolist(), pts[c].tolist()) for c in centres) for i in range(9)]
                 assert dmin[order[step]] == pytest.approx(max(dmin), abs=1e-12)
-            r = covering_radius(pts, torch.tensor(order))
+            r = covering_radius(pts.to(device), torch.tensor(order))
             assert opt <= r <= 2 * opt + 1e-12
 
 
@@ -197,7 +202,7 @@ def test_covering_radius_by_hand():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_forgetting_counts_hand_built_sequences():
+def test_forgetting_counts_hand_built_sequences(device):
     # columns = examples, rows = presentations
     seqs = [
         [1, 0, 1, 0, 1],  # forgotten twice (t = 1 and t = 3)
@@ -208,13 +213,13 @@ def test_forgetting_counts_hand_built_sequences():
         [0, 0, 0, 0, 0],  # never learned: 0 events (DeepCore's bookkeeping)
         [1, 0, 0, 1, 0],  # twice
     ]
-    correct = torch.tensor(seqs, dtype=torch.bool).T  # (T=5, n=7)
+    correct = torch.tensor(seqs, dtype=torch.bool).T.to(device)  # (T=5, n=7)
     assert count_forgetting(correct).tolist() == [2, 0, 1, 1, 0, 0, 2]
     assert count_forgetting(correct[:1]).tolist() == [0] * 7  # one presentation: no event possible
 
 
-def test_most_forgotten_ties_broken_by_seed():
-    counts = torch.tensor([2, 0, 1, 1, 0, 2, 1])
+def test_most_forgotten_ties_broken_by_seed(device):
+    counts = torch.tensor([2, 0, 1, 1, 0, 2, 1]).to(device)
     seen = set()
     for seed in range(20):
         pick = most_forgotten(counts, 3, torch.Generator().manual_seed(seed)).tolist()
@@ -225,14 +230,18 @@ def test_most_forgotten_ties_broken_by_seed():
     assert seen == {2, 3, 6}  # the tie really is broken by the seed, not by position
 
 
-def test_forgetting_run_records_every_presentation(small):
+def test_forgetting_run_records_every_presentation(small, device):
     gen = torch.Generator().manual_seed(0)
-    correct, accs = forgetting_correctness(small, 3, gen, width=8, batch_real=64)
+    correct, accs = forgetting_correctness(small.to(device), 3, gen, width=8, batch_real=64, device=device)
     assert correct.shape == (3, len(small.train_labels)) and correct.dtype == torch.bool
     assert accs == pytest.approx(correct.float().mean(1).tolist())
     assert 0.0 < accs[-1] < 1.0  # a real training run: some right, some wrong
-    again, _ = forgetting_correctness(small, 3, torch.Generator().manual_seed(0), width=8, batch_real=64)
-    assert torch.equal(correct, again)
+    again, _ = forgetting_correctness(small.to(device), 3, torch.Generator().manual_seed(0), width=8, batch_real=64,
+                                      device=device)
+    if device.type == "cpu":  # bitwise on the CPU; GPU kernels may flip a near-tie
+        assert torch.equal(correct, again)
+    else:
+        assert (correct != again).float().mean() < 0.02
     s = make_set("forgetting", small, 3, epochs=3, width=8, batch_real=64, seed=0)
     counts = count_forgetting(correct)
     idx = torch.tensor(s.provenance["indices"])
@@ -249,15 +258,15 @@ def test_forgetting_run_records_every_presentation(small):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_dc_distance_by_hand():
-    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    b = torch.tensor([[1.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+def test_dc_distance_by_hand(device):
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, device=device)
+    b = torch.tensor([[1.0, 1.0], [0.0, -1.0]], dtype=torch.float64, device=device)
     # row 0: 1 − 1/(1·√2 + 1e-6);  row 1: 1 − (−1)/(1·1 + 1e-6)
     want = (1 - 1 / (math.sqrt(2) + 1e-6)) + (1 + 1 / (1 + 1e-6))
     assert layer_distance_dc(a, b).item() == pytest.approx(want, rel=1e-12)
     # a conv weight (out, in, h, w) is compared per output node over in·h·w
     assert layer_distance_dc(a.view(2, 1, 1, 2), b.view(2, 1, 2, 1)).item() == pytest.approx(want, rel=1e-12)
-    bias_a, bias_b = torch.tensor([1.0, 2.0]), torch.tensor([-5.0, 3.0])
+    bias_a, bias_b = torch.tensor([1.0, 2.0], device=device), torch.tensor([-5.0, 3.0], device=device)
     assert layer_distance_dc(bias_a, bias_b).item() == 0.0  # DC ignores 1-D parameters
     assert gradient_distance([a, bias_a], [b, bias_b], "dc").item() == pytest.approx(want, rel=1e-12)
     # DC code's other two options
@@ -267,9 +276,9 @@ def test_dc_distance_by_hand():
     assert gradient_distance([a, bias_a], [b, bias_b], "cos").item() == pytest.approx(1 - cos, rel=1e-6)
 
 
-def test_angle_distance_by_hand():
-    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    b = torch.tensor([[1.0, 1.0], [1.0, math.sqrt(3)]], dtype=torch.float64)
+def test_angle_distance_by_hand(device):
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, device=device)
+    b = torch.tensor([[1.0, 1.0], [1.0, math.sqrt(3)]], dtype=torch.float64, device=device)
     lam = 0.1
     # row 0: angle π/4, norms 1 and √2;  row 1: angle π/6, norms 1 and 2
     want = (0.25 + lam * (1 - math.sqrt(2)) ** 2 / 3) + (1 / 6 + lam * (1 - 2) ** 2 / 5)
@@ -279,9 +288,10 @@ def test_angle_distance_by_hand():
     assert layer_distance_angle(a, a).item() == pytest.approx(2 * math.acos(1 - 1e-6) / math.pi, rel=1e-6)
 
 
-def test_matching_loss_intra_inter_and_sum():
-    g1r, g1s = [torch.tensor([[1.0, 0.0]])], [torch.tensor([[0.0, 1.0]])]  # class 1: orthogonal
-    g2r, g2s = [torch.tensor([[0.0, 1.0]])], [torch.tensor([[1.0, 0.0]])]  # class 2: orthogonal
+def test_matching_loss_intra_inter_and_sum(device):
+    e0, e1 = torch.tensor([[1.0, 0.0]], device=device), torch.tensor([[0.0, 1.0]], device=device)
+    g1r, g1s = [e0], [e1]  # class 1: orthogonal
+    g2r, g2s = [e1], [e0]  # class 2: orthogonal
     intra = matching_loss([g1r, g2r], [g1s, g2s], True, False).item()
     inter = matching_loss([g1r, g2r], [g1s, g2s], False, True).item()
     both = matching_loss([g1r, g2r], [g1s, g2s], True, True).item()
@@ -292,24 +302,26 @@ def test_matching_loss_intra_inter_and_sum():
         matching_loss([g1r], [g1s], False, False)
 
 
-def test_dm_loss_by_hand():
+def test_dm_loss_by_hand(device):
     pairs = [
         (torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0]])),  # means (2, 3) vs (0, 0): 13
         (torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 2.0]])),  # means equal: 0
         (torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([[4.0, 1.0]])),  # (1, 0) vs (4, 1): 9 + 1
     ]
-    assert dm_loss(pairs).item() == pytest.approx(23.0)
+    pairs = [(a.to(device), b.to(device)) for a, b in pairs]
+    loss = dm_loss(pairs)
+    assert loss.device == pairs[0][0].device and loss.item() == pytest.approx(23.0)
 
 
-def test_gradient_matching_loss_decreases_on_a_tiny_problem(small):
+def test_gradient_matching_loss_decreases_on_a_tiny_problem(small, device):
     """Fixed network and real batches; SGD on 2 noise images per class lowers Σ_c D(g^T_c, g^S_c)."""
     gen = torch.Generator().manual_seed(0)
-    net = get_network("convnet", 1, 10, (28, 28), width=4, depth=2, generator=gen)
+    net = get_network("convnet", 1, 10, (28, 28), width=4, depth=2, generator=gen).to(device)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
     classes = [0, 1, 2]
-    real = [(small.train_images[small.train_labels == c][:16], c) for c in classes]
+    real = [(small.train_images[small.train_labels == c][:16].to(device), c) for c in classes]
     g_real = class_gradients(net, params, real, create_graph=False)
-    syn = torch.randn(6, 1, 28, 28, generator=gen).requires_grad_(True)
+    syn = torch.randn(6, 1, 28, 28, generator=gen).to(device).requires_grad_(True)
     opt = torch.optim.SGD([syn], lr=0.1, momentum=0.5)
     losses = []
     for _ in range(15):

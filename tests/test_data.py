@@ -463,3 +463,27 @@ def test_to_device_and_resize(tmp_path, mini):
     hi = arrays["train"][0].reshape(20, -1).max(1) / 255.0
     assert (p.reshape(20, -1).min(1).values.numpy() >= lo - 1e-6).all()
     assert (p.reshape(20, -1).max(1).values.numpy() <= hi + 1e-6).all()
+
+
+def test_holdout_validation_carves_a_balanced_disjoint_split(mini):
+    from mttlite.data import holdout_validation
+
+    ds = holdout_validation(mini, 20, seed=0)
+    K = mini.num_classes
+    assert len(ds.val_labels) == 20 * K and len(ds.train_labels) == len(mini.train_labels) - 20 * K
+    assert torch.bincount(ds.val_labels, minlength=K).tolist() == [20] * K
+    # train ∪ val is the original training set, as a multiset of (image, label) rows, and they share no row
+    rows = lambda x, y: {(bytes(a.numpy().tobytes()), int(b)) for a, b in zip(x, y)}  # noqa: E731
+    train, val = rows(ds.train_images, ds.train_labels), rows(ds.val_images, ds.val_labels)
+    assert not train & val and train | val == rows(mini.train_images, mini.train_labels)
+    assert ds.val_spec == {"per_class": 20, "seed": 0} and ds.test_images is mini.test_images
+    # the same seed gives the same split; another seed another one; the remaining order is kept
+    again = holdout_validation(mini, 20, seed=0)
+    assert torch.equal(again.val_images, ds.val_images) and torch.equal(again.train_images, ds.train_images)
+    assert not torch.equal(holdout_validation(mini, 20, seed=1).val_images, ds.val_images)
+    with pytest.raises(ValueError, match="already has a validation split"):
+        holdout_validation(ds, 5)
+    with pytest.raises(ValueError, match="leaves no training image"):
+        holdout_validation(mini, 10**6)
+    with pytest.raises(ValueError, match="positive integer"):
+        holdout_validation(mini, 0)

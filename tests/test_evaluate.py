@@ -1,6 +1,11 @@
 """The evaluation protocol: defaults, the SGD/lr-decay loop against a hand-written update,
 determinism, soft labels, the random-real baseline, confusion matrices, architectures, and a
-quality check on the embedded Fashion-MNIST."""
+quality check on the embedded Fashion-MNIST.
+
+Tests that train or score take the ``device`` fixture (tests/conftest.py; CPU by default): the data
+set and the evaluated set are moved there and ``train_on_set`` trains where its images are. Saving
+a result (file I/O) stays on the CPU. Bitwise equalities that hold on the CPU are checked to
+``close_kw``'s tolerance elsewhere (GPU kernels are not bit-reproducible)."""
 from __future__ import annotations
 
 import re
@@ -45,13 +50,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return load_dataset("fashion-mnist-mini")
+def ds(device):
+    return load_dataset("fashion-mnist-mini").to(device)
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """3 classes of 1x12x12 images (class c is brighter in band c), 20 train / 10 test per class."""
+def _toy_dataset():
+    """3 classes of 1x12x12 images (class c is brighter in band c), 20 train / 10 test per class (CPU)."""
     gen = torch.Generator().manual_seed(0)
 
     def split(per_class):
@@ -63,6 +67,16 @@ def toy():
 
     (xtr, ytr), (xte, yte) = split(20), split(10)
     return Dataset("toy", xtr, ytr, xte, yte, ["a", "b", "c"], (0.0,), (1.0,))
+
+
+@pytest.fixture(scope="module")
+def toy(device):
+    """The toy data set on the test device."""
+    return _toy_dataset().to(device)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +114,7 @@ def test_protocol_rejects_bad_values():
 # --- one network: the update rule and the lr schedule -------------------------------------------
 
 
-def test_train_on_set_is_sgd_with_momentum_wd_and_lr_decay_at_half(toy):
+def test_train_on_set_is_sgd_with_momentum_wd_and_lr_decay_at_half(toy, close_kw):
     """Hand-written SGD from the same init and batch order (train_on_set's documented draws from
     its generator: the init seed, then per epoch a permutation split into batches):
     v ← μv + g + λθ,  θ ← θ − η_e v,  η_e = η for e < E//2, 0.1 η after."""
@@ -112,12 +126,12 @@ def test_train_on_set_is_sgd_with_momentum_wd_and_lr_decay_at_half(toy):
 
     def run(decay_at):
         gen = torch.Generator().manual_seed(seed)
-        net = fresh_network(protocol, toy, gen)
+        net = fresh_network(protocol, toy, gen).to(x.device)
         theta = {k: v.detach().clone() for k, v in net.named_parameters()}
         vel = {k: torch.zeros_like(v) for k, v in theta.items()}
         for epoch in range(4):
             eta = lr * (0.1 if epoch >= decay_at else 1.0)
-            for idx in torch.randperm(9, generator=gen).split(4):
+            for idx in torch.randperm(9, generator=gen).to(x.device).split(4):
                 leaves = {k: v.requires_grad_(True) for k, v in theta.items()}
                 loss = F.cross_entropy(functional_call(net, leaves, (x[idx],)), y[idx])
                 g = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
@@ -127,33 +141,41 @@ def test_train_on_set_is_sgd_with_momentum_wd_and_lr_decay_at_half(toy):
                     theta[k] = theta[k] - eta * vel[k]
         return torch.cat([v.reshape(-1) for v in theta.values()])
 
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    got = _flat(model)
     want, no_decay = run(decay_at=2), run(decay_at=99)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+    assert got.device == x.device and len(info["loss_per_epoch"]) == 4
+    torch.testing.assert_close(got, want, **(close_kw or {"rtol": 1e-5, "atol": 1e-6}))
     # the test can tell the schedules apart: without the decay the weights are far off
     assert (got - no_decay).abs().max() > 1e-2
 
 
-def test_train_on_set_is_deterministic_and_leaves_global_rng_alone(toy, tiny_set):
+def test_train_on_set_is_deterministic_and_leaves_global_rng_alone(toy, tiny_set, device, close_kw):
     x, y = tiny_set
     protocol = replace(TINY, dsa_strategy=None)  # with the default DSA augmentation
     state = torch.get_rng_state()
-    a, _ = train_on_set(x, y, toy, protocol, lr=0.01, seed=5)
-    b, _ = train_on_set(x, y, toy, protocol, lr=0.01, seed=5)
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    a, ia = train_on_set(x, y, toy, protocol, lr=0.01, seed=5)
+    b, ib = train_on_set(x, y, toy, protocol, lr=0.01, seed=5)
     c, _ = train_on_set(x, y, toy, protocol, lr=0.01, seed=6)
     assert torch.equal(torch.get_rng_state(), state)
-    pa, pb, pc = (torch.cat([p.reshape(-1) for p in m.parameters()]) for m in (a, b, c))
-    assert torch.equal(pa, pb)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(device), cuda_state)
+    pa, pb, pc = (_flat(m) for m in (a, b, c))
+    assert pa.device == x.device
+    if close_kw:  # GPU kernels: the same draws, equal up to rounding
+        torch.testing.assert_close(pa, pb, **close_kw)
+    else:
+        assert torch.equal(pa, pb) and ia["loss_per_epoch"] == ib["loss_per_epoch"]
     assert not torch.allclose(pa, pc)
 
 
-def test_one_hot_soft_labels_train_like_hard_labels(toy, tiny_set):
+def test_one_hot_soft_labels_train_like_hard_labels(toy, tiny_set, close_kw):
     """Soft cross-entropy −Σ p log softmax with one-hot p equals hard cross-entropy."""
     x, y = tiny_set
     hard, _ = train_on_set(x, y, toy, TINY, lr=0.01, seed=1)
     soft, _ = train_on_set(x, F.one_hot(y, 3).float(), toy, TINY, lr=0.01, seed=1)
     for p, q in zip(hard.parameters(), soft.parameters()):
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p, q, **(close_kw or {"rtol": 1e-5, "atol": 1e-7}))
     # genuinely soft labels (label smoothing) go through the whole protocol
     smooth = 0.8 * F.one_hot(y, 3).float() + 0.02
     res = evaluate_set(x, smooth, toy, TINY, progress=False)
@@ -167,7 +189,7 @@ def test_bad_sets_are_rejected(toy, tiny_set):
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         evaluate_set(x, y + 5, toy, TINY, progress=False)
     with pytest.raises(ValueError, match="soft labels"):
-        evaluate_set(x, torch.ones(len(x), 10), toy, TINY, progress=False)
+        evaluate_set(x, torch.ones(len(x), 10, device=x.device), toy, TINY, progress=False)
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -180,7 +202,7 @@ def test_confusion_matrix_and_accuracy_agree(ds):
     cm = confusion_matrix(model, ds.test_images, ds.test_labels, 10)
     assert model.training  # predict restores the mode it found
     assert cm.shape == (10, 10) and int(cm.sum()) == len(ds.test_labels) == 1000
-    assert torch.equal(cm.sum(1), torch.bincount(ds.test_labels, minlength=10))  # rows = true class
+    assert torch.equal(cm.sum(1), torch.bincount(ds.test_labels.cpu(), minlength=10))  # rows = true class
     assert torch.equal(cm.sum(0), torch.bincount(predict(model, ds.test_images), minlength=10))  # cols = prediction
     acc = accuracy_of(model, ds.test_images, ds.test_labels)
     assert acc == int(cm.trace()) / int(cm.sum())
@@ -203,16 +225,21 @@ def test_evaluate_set_summary_and_validation(toy, ds, tiny_set):
     assert "val" in text
     # network i is the same whatever num_nets is
     one = evaluate_set(x, y, toy, replace(TINY, num_nets=1), lr=0.02, progress=False)
-    assert one.accs == [a]
+    if toy.train_images.device.type == "cpu":
+        assert one.accs == [a]
+    else:  # GPU kernels are not bit-reproducible: at most one of the 30 test images may flip
+        assert len(one.accs) == 1 and abs(one.accs[0] - a) <= 1 / 30 + 1e-12
     idx = validation_indices(ds, 0.05)
-    assert torch.equal(torch.bincount(ds.train_labels[idx], minlength=10), torch.full((10,), 30))
+    assert torch.equal(torch.bincount(ds.train_labels.cpu()[idx], minlength=10), torch.full((10,), 30))
     assert torch.equal(idx, validation_indices(ds, 0.05)) and len(set(idx.tolist())) == 300
 
 
-def test_result_saves_as_json(toy, tiny_set, tmp_path):
+def test_result_saves_as_json(tmp_path):
+    """File I/O: on the CPU whatever the test device."""
     import json
 
-    res = evaluate_set(*tiny_set, toy, TINY, progress=False)
+    toy = _toy_dataset()
+    res = evaluate_set(*random_real_subset(toy, 4, seed=3), toy, TINY, progress=False)
     path = res.save(tmp_path / "r.json")
     back = EvalResult(**json.loads(path.read_text()))
     assert back == res
@@ -223,8 +250,8 @@ def test_result_saves_as_json(toy, tiny_set, tmp_path):
 
 def test_random_real_subset_is_balanced_real_and_seeded(ds):
     x, y = random_real_subset(ds, 7, seed=1)
-    assert x.shape == (70, 1, 28, 28) and y.dtype == torch.int64
-    assert torch.equal(y, torch.arange(10).repeat_interleave(7))
+    assert x.shape == (70, 1, 28, 28) and y.dtype == torch.int64 and x.device == y.device == ds.train_images.device
+    assert torch.equal(y.cpu(), torch.arange(10).repeat_interleave(7))
     for c in (0, 9):  # every image is a real training image of its class
         members = ds.images_of_class(c).flatten(1)
         for img in x[y == c]:
@@ -232,7 +259,7 @@ def test_random_real_subset_is_balanced_real_and_seeded(ds):
     x2, y2 = random_real_subset(ds, 7, seed=1)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, random_real_subset(ds, 7, seed=2)[0])
-    assert len({tuple(r.tolist()) for r in x.flatten(1)[:, ::7]}) == 70  # no repeats
+    assert len({tuple(r.tolist()) for r in x.flatten(1)[:, ::7].cpu()}) == 70  # no repeats
 
 
 @pytest.mark.parametrize("ipc", [0, 601, -3])
@@ -276,6 +303,7 @@ def test_batch_norm_nets_train_in_train_mode_and_test_in_eval_mode(toy, tiny_set
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bn and all(int(m.num_batches_tracked) == 1 for m in bn)  # 1 epoch = 1 batch of 12 updated the stats...
     stats = {k: v.clone() for k, v in model.named_buffers()}
+    assert all(v.device == x.device for v in stats.values())  # the running statistics live beside θ
     model.train()
     acc = accuracy_of(model, toy.test_images, toy.test_labels)
     assert model.training  # mode restored

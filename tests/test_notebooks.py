@@ -113,7 +113,99 @@ def test_parameters_cell(name):
         names.append(stmt.targets[0].id)
     assert "results_path" in names and "seed" in names
     src = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert 'torch.cuda.is_available()' in src and '"google.colab" in sys.modules' in src
+    assert "device = setup()" in src  # mttlite.notebook.setup: "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- Colab: badges and the set-up cell, from the one repository setting ------------------------------------
+
+
+def _setup_cell(nb):
+    return next(c for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_badge_and_setup_cell(name):
+    """The first line is the badge for this very notebook and the setting's repository; the set-up
+    cell installs what the setting names (no [notebooks] extra) and gets the device from setup()."""
+    from mttlite.notebook import colab_badge, pip_requirement, repository_url
+
+    nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown"
+    badge = first.source.splitlines()[0]
+    assert badge == colab_badge(f"notebooks/{name}.ipynb"), "run `make notebooks`"
+    slug = repository_url().removeprefix("https://github.com/")
+    assert badge.endswith(f"/github/{slug}/blob/main/notebooks/{name}.ipynb)")
+    setup_src = _setup_cell(nb).source
+    assert f'MTTLITE_REQUIREMENT = "{pip_requirement()}"' in setup_src, "run `make notebooks`"
+    assert "[notebooks]" not in pip_requirement() and slug in pip_requirement()
+    assert "device = setup()" in setup_src
+
+
+def test_repository_setting_drives_everything(tmp_path):
+    """pyproject.toml's [project.urls] Repository is the one setting: README and every notebook agree
+    with it now, and changing it is changing pyproject.toml and running `python -m mttlite.notebook`."""
+    from mttlite import notebook
+
+    assert notebook.repository_url().startswith("https://github.com/")
+    assert notebook.sync(ROOT, check=True) == [], "run `make notebooks`"
+    readme = (ROOT / "README.md").read_text()
+    assert notebook.colab_badge("notebooks/00_quickstart.ipynb") in readme
+
+    # a copy of the checkout with another URL: both lines of a notebook and README's badge follow it
+    (tmp_path / "notebooks").mkdir()
+    src = NB_DIR / "00_quickstart.py"
+    (tmp_path / "notebooks" / src.name).write_text(src.read_text())
+    (tmp_path / "README.md").write_text(readme)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    url = notebook.repository_url()
+    assert pyproject.count(url) == 1
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace(url, "https://github.com/someone/fork"))
+    assert notebook.main(["--root", str(tmp_path), "--check"]) == 1
+    assert notebook.main(["--root", str(tmp_path)]) == 0
+    assert notebook.sync(tmp_path, check=True) == []
+    text = (tmp_path / "notebooks" / src.name).read_text()
+    assert url not in text and url not in (tmp_path / "README.md").read_text()
+    assert "https://colab.research.google.com/github/someone/fork/blob/main/notebooks/00_quickstart.ipynb" in text
+    assert 'MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/someone/fork.git"' in text
+    with pytest.raises(ValueError, match="github.com"):
+        notebook.colab_badge("notebooks/x.ipynb", url="https://gitlab.com/a/b")
+
+
+def test_setup_cell_installs_only_where_mttlite_is_missing(monkeypatch, capsys):
+    """Run the set-up cell itself: with mttlite importable it installs nothing; without, it pip-installs
+    the requirement (and nothing else) into this interpreter. The device is printed and returned."""
+    import importlib.util
+    import subprocess
+    import types
+
+    import torch
+
+    source = _setup_cell(jupytext.read(NB_DIR / "00_quickstart.py")).source
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append((a, k)))
+    ns = {}
+    exec(source, ns)
+    assert calls == [] and ns["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert f"device: {ns['device']}" in capsys.readouterr().out
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mttlite" else find_spec(n, *a))
+    exec(source, {})
+    assert calls == [(([sys.executable, "-m", "pip", "install", "-q", ns["MTTLITE_REQUIREMENT"]],), {"check": True})]
+
+    # on Colab (a stand-in google.colab module): the custom widget manager is turned on
+    enabled = []
+    output = types.SimpleNamespace(enable_custom_widget_manager=lambda: enabled.append(True))
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from mttlite.notebook import setup
+
+    assert setup() == "cpu" and enabled == [True]
+    assert "Change runtime type" in capsys.readouterr().out
 
 
 # -- the notebooks, executed ------------------------------------------------------------------------------

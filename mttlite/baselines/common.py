@@ -106,13 +106,17 @@ def class_major_labels(num_classes: int, ipc: int, device="cpu") -> Tensor:
     return torch.arange(num_classes, device=device).repeat_interleave(ipc)
 
 
-def sample_real(dataset, members: Tensor, n: int, gen: torch.Generator) -> Tensor:
+def sample_real(images, members: Tensor, n: int, gen: torch.Generator) -> Tensor:
     """n real images drawn without replacement from ``members`` (indices): (min(n, N_c), C, H, W).
 
-    As DC's ``get_images(c, n)``: a fresh random permutation of the class, its first n.
+    images: the training images (N, C, H, W), or a data set (its ``train_images``); members (N_c,)
+    indices into them. As DC's ``get_images(c, n)``: a fresh random permutation of the class (drawn
+    from ``gen`` on the CPU), its first n. With ``images`` and ``members`` on one device the pick
+    happens there, without a round trip to the host.
     """
-    pick = members[torch.randperm(members.numel(), generator=gen)[:n]]
-    return dataset.train_images[pick.to(dataset.train_images.device)]
+    images = getattr(images, "train_images", images)
+    perm = torch.randperm(members.numel(), generator=gen)[:n].to(members.device, non_blocking=True)
+    return images[members[perm].to(images.device, non_blocking=True)]
 
 
 def draw_seed(gen: torch.Generator) -> int:
@@ -127,11 +131,14 @@ def draw_seed(gen: torch.Generator) -> int:
 
 def random_network(dataset, gen: torch.Generator, arch: str = "convnet", width: int = DEFAULT_WIDTH,
                    depth: int | None = None, norm: str | None = None, device="cpu") -> nn.Module:
-    """A freshly initialised network whose weights come from ``gen`` only (global RNG untouched)."""
+    """A freshly initialised network whose weights come from ``gen`` only (global RNG untouched).
+
+    Built on the CPU (the same weights on every device), then moved to ``device`` without waiting for
+    the device: DM builds one per step, and a blocking copy would drain the GPU's queue each time."""
     with torch.random.fork_rng(devices=[]):
         net = get_network(arch, dataset.channel, dataset.num_classes, im_size=tuple(dataset.im_size),
                           width=width, depth=depth, norm=norm, generator=gen)
-    return net.to(device)
+    return net.to(device, non_blocking=True)
 
 
 def detached_params(net: nn.Module, requires_grad: bool = False) -> dict[str, Tensor]:

@@ -103,18 +103,58 @@ def train_network_on_set(model: nn.Module, params: dict[str, Tensor], images: Te
                          lr_net: float, batch_train: int, dsa_strategy: str, gen: torch.Generator) -> dict[str, Tensor]:
     """θ_{t+1}: ``epochs`` epochs of plain SGD (no momentum, as DC) on the synthetic set; returns new θ.
 
-    Every mini-batch gets its own (not shared) augmentation when ``dsa_strategy`` is set.
+    images (n, C, H, W), labels (n,), θ on one device; per epoch a permutation of n from ``gen`` (CPU,
+    then moved), and every mini-batch gets its own (not shared) augmentation when ``dsa_strategy`` is set.
+    Runs entirely on the device: nothing is read back to the host.
     """
     x_all, n = images.detach(), images.shape[0]
     for _ in range(epochs):
         for idx in torch.randperm(n, generator=gen).split(batch_train):
-            idx = idx.to(x_all.device)
+            idx = idx.to(x_all.device, non_blocking=True)  # a fresh CPU tensor: no wait for the device
             x = dsa(x_all[idx], dsa_strategy, seed=draw_seed(gen)) if dsa_strategy else x_all[idx]
             theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             loss = F.cross_entropy(functional_call(model, theta, (x,)), labels[idx])
             grads = torch.autograd.grad(loss, list(theta.values()))
             params = {k: (v - lr_net * g).detach() for (k, v), g in zip(theta.items(), grads)}  # θ ← θ − η g
     return {k: v.requires_grad_(True) for k, v in params.items()}
+
+
+def matching_iteration(net: nn.Module, params: dict[str, Tensor], images: Tensor, labels: Tensor,
+                       opt: torch.optim.Optimizer, real_images: Tensor, members: Sequence[Tensor], ipc: int,
+                       outer_loop: int, inner_loop: int, intra_class: bool, inter_class: bool, distance: str,
+                       mag_weight: float, strategy: str, lr_net: float, batch_real: int, batch_train: int,
+                       gen: torch.Generator) -> Tensor:
+    """One iteration of the loop (module docstring) for one fresh network θ_0 = ``params``.
+
+    images: (K·ipc, C, H, W) the learned pixels (a leaf that ``opt`` updates), labels (K·ipc,);
+    real_images (N, C, H, W) and members[c] (N_c,) the indices of class c in it, all on one device.
+    For t = 0 … outer_loop − 1: per class a real batch (``sample_real``) and, with a strategy, one
+    siamese DSA seed; L_t = ``matching_loss``; S ← SGD(S, ∂L_t/∂S); then θ trains ``inner_loop`` epochs
+    on S (not after the last t). Returns the losses (outer_loop,), a tensor on the device: nothing is
+    read back to the host, so a run reads its whole history once, at the end.
+    """
+    K = len(members)
+    losses = []
+    for t in range(outer_loop):
+        real, syn = [], []
+        for c in range(K):
+            xr = sample_real(real_images, members[c], batch_real, gen)  # T_c
+            xs = images[c * ipc:(c + 1) * ipc]  # S_c
+            if strategy:  # siamese: one ω per class, shared by both batches and all their images
+                s = draw_seed(gen)
+                xr, xs = dsa(xr, strategy, seed=s, shared=True), dsa(xs, strategy, seed=s, shared=True)
+            real.append((xr, c))
+            syn.append((xs, c))
+        g_real = class_gradients(net, params, real, create_graph=False)
+        g_syn = class_gradients(net, params, syn, create_graph=True)
+        loss = matching_loss(g_real, g_syn, intra_class, inter_class, distance, mag_weight)
+        (images.grad,) = torch.autograd.grad(loss, images)
+        opt.step()
+        losses.append(loss.detach())
+        if t == outer_loop - 1:
+            break
+        params = train_network_on_set(net, params, images, labels, inner_loop, lr_net, batch_train, strategy, gen)
+    return torch.stack(losses)
 
 
 def gradient_matching(dataset, ipc: int, method: str, iterations: int, outer_loop: int | None, inner_loop: int | None,
@@ -160,32 +200,16 @@ def gradient_matching(dataset, ipc: int, method: str, iterations: int, outer_loo
             images = torch.randn((K * ipc, dataset.channel, *dataset.im_size), generator=gen).to(device)
         images = images.detach().clone().requires_grad_(True)  # (K·ipc, C, H, W), the learned pixels
         opt = torch.optim.SGD([images], lr=lr_img, momentum=momentum)
-        members = class_indices(dataset)
-        history = []
+        real_images = dataset.train_images.to(device)  # once, so every real batch is drawn on the device
+        members = [m.to(device) for m in class_indices(dataset)]
+        history = []  # per iteration, its (outer_loop,) losses, on the device until the end
         for _ in tqdm(range(iterations), desc=method, disable=not progress):
             net = random_network(dataset, gen, arch, width, depth, norm, device)  # θ_0 ~ P_θ0
             params = detached_params(net, requires_grad=True)
-            losses = []
-            for t in range(outer_loop):
-                real, syn = [], []
-                for c in range(K):
-                    xr = sample_real(dataset, members[c], batch_real, gen).to(device)  # T_c
-                    xs = images[c * ipc:(c + 1) * ipc]  # S_c
-                    if strategy:  # siamese: one ω per class, shared by both batches and all their images
-                        s = draw_seed(gen)
-                        xr, xs = dsa(xr, strategy, seed=s, shared=True), dsa(xs, strategy, seed=s, shared=True)
-                    real.append((xr, c))
-                    syn.append((xs, c))
-                g_real = class_gradients(net, params, real, create_graph=False)
-                g_syn = class_gradients(net, params, syn, create_graph=True)
-                loss = matching_loss(g_real, g_syn, intra_class, inter_class, distance, mag_weight)
-                (images.grad,) = torch.autograd.grad(loss, images)
-                opt.step()
-                losses.append(loss.item())
-                if t == outer_loop - 1:
-                    break
-                params = train_network_on_set(net, params, images, labels, inner_loop, lr_net, batch_train, strategy, gen)
-            history.append(sum(losses) / len(losses))
+            history.append(matching_iteration(net, params, images, labels, opt, real_images, members, ipc, outer_loop,
+                                              inner_loop, intra_class, inter_class, distance, mag_weight, strategy,
+                                              lr_net, batch_real, batch_train, gen))
+        history = [sum(losses) / len(losses) for losses in torch.stack(history).tolist()] if history else []
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"{method}: the synthetic images became non-finite; lower lr_img (now {lr_img})")
     prov = {"loss_history": [round(v, 5) for v in history],

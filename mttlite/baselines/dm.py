@@ -45,6 +45,32 @@ def dm_loss(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     return sum((er.mean(0) - es.mean(0)).pow(2).sum() for er, es in pairs)
 
 
+def dm_iteration(model: EmbedOf, params: dict[str, Tensor], images: Tensor, opt: torch.optim.Optimizer,
+                 real_images: Tensor, members: Sequence[Tensor], ipc: int, batch_real: int, strategy: str,
+                 gen: torch.Generator) -> Tensor:
+    """One DM step for one random network ψ_θ (``model``, ``params``): L = ``dm_loss``, S ← SGD(S, ∂L/∂S).
+
+    images: (K·ipc, C, H, W) the learned pixels (a leaf ``opt`` updates); real_images (N, C, H, W) and
+    members[c] (N_c,) the indices of class c in it, all on one device. Per class c: a real batch of
+    batch_real images (``sample_real``) and, with a strategy, one siamese DSA seed, both from ``gen``.
+    Returns L, a detached 0-d tensor on the device (nothing is read back to the host).
+    """
+    pairs = []
+    for c in range(len(members)):
+        xr = sample_real(real_images, members[c], batch_real, gen)
+        xs = images[c * ipc:(c + 1) * ipc]
+        if strategy:
+            s = draw_seed(gen)
+            xr, xs = dsa(xr, strategy, seed=s, shared=True), dsa(xs, strategy, seed=s, shared=True)
+        with torch.no_grad():
+            er = functional_call(model, params, (xr,))  # ψ_θ(A(T_c)), (B, D)
+        pairs.append((er, functional_call(model, params, (xs,))))  # ψ_θ(A(S_c)), (ipc, D)
+    loss = dm_loss(pairs)
+    (images.grad,) = torch.autograd.grad(loss, images)
+    opt.step()
+    return loss.detach()
+
+
 def dm_set(dataset, ipc: int, iterations: int = 200, lr_img: float = 1.0, momentum: float = 0.5,
            batch_real: int = 256, dsa_strategy: str | None = None, arch: str = "convnet", width: int = DEFAULT_WIDTH,
            depth: int | None = None, norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu",
@@ -75,25 +101,15 @@ def dm_set(dataset, ipc: int, iterations: int = 200, lr_img: float = 1.0, moment
             images = torch.randn((K * ipc, dataset.channel, *dataset.im_size), generator=gen).to(device)
         images = images.detach().clone().requires_grad_(True)
         opt = torch.optim.SGD([images], lr=lr_img, momentum=momentum)
-        members = class_indices(dataset)
-        history = []
+        real_images = dataset.train_images.to(device)  # once, so every real batch is drawn on the device
+        members = [m.to(device) for m in class_indices(dataset)]
+        history = []  # one loss per iteration, on the device until the end of the run
         for _ in tqdm(range(iterations), desc="dm", disable=not progress):
             net = random_network(dataset, gen, arch, width, depth, norm, device)  # θ ~ P_θ, frozen
             model, params = EmbedOf(net), embed_params(detached_params(net))
-            pairs = []
-            for c in range(K):
-                xr = sample_real(dataset, members[c], batch_real, gen).to(device)
-                xs = images[c * ipc:(c + 1) * ipc]
-                if strategy:
-                    s = draw_seed(gen)
-                    xr, xs = dsa(xr, strategy, seed=s, shared=True), dsa(xs, strategy, seed=s, shared=True)
-                with torch.no_grad():
-                    er = functional_call(model, params, (xr,))  # ψ_θ(A(T_c)), (B, D)
-                pairs.append((er, functional_call(model, params, (xs,))))  # ψ_θ(A(S_c)), (ipc, D)
-            loss = dm_loss(pairs)
-            (images.grad,) = torch.autograd.grad(loss, images)
-            opt.step()
-            history.append(round(loss.item(), 5))
+            history.append(dm_iteration(model, params, images, opt, real_images, members, ipc, batch_real, strategy,
+                                        gen))
+        history = [round(v, 5) for v in torch.stack(history).tolist()] if history else []
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"dm: the synthetic images became non-finite; lower lr_img (now {lr_img})")
     prov = {"loss_history": history,

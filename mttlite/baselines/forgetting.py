@@ -54,13 +54,47 @@ def count_forgetting(correct: Tensor) -> Tensor:
 
 
 def most_forgotten(counts: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Indices (k,) of the k largest ``counts`` (n,), ties broken by a random order drawn from ``gen``."""
+    """Indices (k,) of the k largest ``counts`` (n,), ties broken by a random order drawn from ``gen``.
+
+    The order is drawn on the CPU and moved to ``counts``' device; the result lives there too."""
     n = counts.numel()
     if not 1 <= k <= n:
         raise ValueError(f"cannot keep k={k} of {n} examples")
-    perm = torch.randperm(n, generator=gen)  # the tie-break order
+    perm = torch.randperm(n, generator=gen).to(counts.device)  # the tie-break order
     order = torch.sort(-counts[perm], stable=True).indices  # most events first; ties keep perm's order
     return perm[order[:k]]
+
+
+def forgetting_flags(dataset, epochs: int, gen: torch.Generator, arch: str = "convnet", width: int = DEFAULT_WIDTH,
+                     depth: int | None = None, norm: str | None = None, lr_teacher: float = 0.01,
+                     batch_real: int = 256, dsa_strategy: str | None = None, device="cpu") -> Tensor:
+    """The training run of :func:`forgetting_correctness`, left on the device: correct (epochs, N) bool.
+
+    Per epoch a permutation of the N training images from ``gen`` (CPU, then moved); per batch of
+    batch_real: A_ω (one DSA seed from ``gen``), the logits, the flags argmax f(A(x); θ) = y written
+    into ``correct`` on the device, then θ ← θ − lr_teacher ∇_θ ℓ (``experts.sgd_step``). Nothing is
+    read back to the host.
+    """
+    strategy = default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
+    net = random_network(dataset, gen, arch, width, depth, norm, device)
+    params = detached_params(net)
+    X, Y = dataset.train_images.to(device), dataset.train_labels.to(device)
+    n = X.shape[0]
+    correct = torch.zeros(epochs, n, dtype=torch.bool, device=X.device)
+    for e in range(epochs):
+        for idx in torch.randperm(n, generator=gen).split(batch_real):
+            idx = idx.to(X.device, non_blocking=True)  # a fresh CPU tensor: no wait for the device
+            x, y = X[idx], Y[idx]
+            if strategy:
+                x = dsa(x, strategy, seed=draw_seed(gen))  # A_ω(x), a fresh ω per batch
+            theta = {k: v.requires_grad_(True) for k, v in params.items()}
+            logits = functional_call(net, theta, (x,))  # (B, K)
+            loss = F.cross_entropy(logits, y)
+            grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+            correct[e, idx] = logits.detach().argmax(1) == y  # acc_i before the step
+            with torch.no_grad():
+                params, _ = sgd_step({k: v.detach() for k, v in theta.items()}, grads, lr=lr_teacher)
+    return correct
 
 
 def forgetting_correctness(dataset, epochs: int, gen: torch.Generator, arch: str = "convnet",
@@ -69,31 +103,14 @@ def forgetting_correctness(dataset, epochs: int, gen: torch.Generator, arch: str
                            device="cpu") -> tuple[Tensor, list[float]]:
     """Train a fresh network ``epochs`` epochs (the experts' recipe) and record the correctness flags.
 
-    Returns correct (epochs, N) bool — row e = correctness of every training image at its
+    Returns correct (epochs, N) bool on the CPU — row e = correctness of every training image at its
     presentation in epoch e, measured on the augmented batch before the step — and the
-    per-epoch training accuracy.
+    per-epoch training accuracy. The flags are collected on the device (:func:`forgetting_flags`)
+    and read back once, at the end.
     """
-    strategy = default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
-    net = random_network(dataset, gen, arch, width, depth, norm, device)
-    params = detached_params(net)
-    X, Y = dataset.train_images.to(device), dataset.train_labels.to(device)
-    n = X.shape[0]
-    correct = torch.zeros(epochs, n, dtype=torch.bool)
-    accs = []
-    for e in range(epochs):
-        for idx in torch.randperm(n, generator=gen).split(batch_real):
-            x = X[idx.to(device)]
-            if strategy:
-                x = dsa(x, strategy, seed=draw_seed(gen))  # A_ω(x), a fresh ω per batch
-            theta = {k: v.requires_grad_(True) for k, v in params.items()}
-            logits = functional_call(net, theta, (x,))  # (B, K)
-            loss = F.cross_entropy(logits, Y[idx.to(device)])
-            grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
-            correct[e, idx] = (logits.detach().argmax(1) == Y[idx.to(device)]).cpu()  # acc_i before the step
-            with torch.no_grad():
-                params, _ = sgd_step({k: v.detach() for k, v in theta.items()}, grads, lr=lr_teacher)
-        accs.append(float(correct[e].float().mean()))
-    return correct, accs
+    correct = forgetting_flags(dataset, epochs, gen, arch, width, depth, norm, lr_teacher, batch_real,
+                               dsa_strategy, device).cpu()
+    return correct, correct.float().mean(1).tolist()
 
 
 def forgetting_set(dataset, ipc: int, seed: int = 0, epochs: int = 4, arch: str = "convnet",

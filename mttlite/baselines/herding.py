@@ -28,10 +28,20 @@ from .embedding import embed_train_set, embedding_config
 
 
 def herding(features: Tensor, k: int) -> Tensor:
-    """Indices (k,) into ``features`` (n, D), in the order herding picks them.
+    """Indices (k,) int64 on the CPU into ``features`` (n, D), in the order herding picks them.
 
     At step k the pick minimises ‖(k + 1) μ − S − e(x)‖ over the unpicked x, where S is the sum of
-    the picked features and μ the mean of all n (see the module docstring).
+    the picked features and μ the mean of all n (see the module docstring). The picks are made on the
+    features' device (:func:`herding_order`) and read back once.
+    """
+    return herding_order(features, k).cpu()
+
+
+def herding_order(features: Tensor, k: int) -> Tensor:
+    """:func:`herding`'s picks as a (k,) int64 tensor on the features' device.
+
+    Every step stays on the device — the argmin is a 0-d device tensor, used as an index without
+    being read back — so the k steps never wait for the device.
     """
     n = features.shape[0]
     if not 1 <= k <= n:
@@ -44,12 +54,12 @@ def herding(features: Tensor, k: int) -> Tensor:
     for step in range(k):
         target = (step + 1) * mu - total  # (D,): the e(x) that would make the running mean exactly μ
         dist = (f - target).pow(2).sum(1)  # (n,) ‖(k+1)μ − S − e(x)‖²
-        dist[picked] = float("inf")
-        j = int(dist.argmin())
-        picked[j] = True
-        total += f[j]
+        dist.masked_fill_(picked, float("inf"))
+        j = dist.argmin().view(1)  # (1,) on the device
+        picked.index_fill_(0, j, True)
+        total += f.index_select(0, j)[0]
         out.append(j)
-    return torch.tensor(out, dtype=torch.int64)
+    return torch.cat(out)
 
 
 def herding_set(dataset, ipc: int, seed: int = 0, buffer=None, expert: int = 0, epoch: int | None = None,

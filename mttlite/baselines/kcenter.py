@@ -33,9 +33,18 @@ from .embedding import embed_train_set, embedding_config
 
 
 def kcenter_greedy(features: Tensor, k: int, first: int = 0) -> Tensor:
-    """Indices (k,) into ``features`` (n, D) in greedy order, starting from centre ``first``.
+    """Indices (k,) int64 on the CPU into ``features`` (n, D) in greedy order, starting from centre ``first``.
 
-    Keeps d(x) = min over chosen centres ‖e(x) − e(c)‖ (n,), updated with each new centre.
+    Keeps d(x) = min over chosen centres ‖e(x) − e(c)‖ (n,), updated with each new centre. The picks
+    are made on the features' device (:func:`kcenter_order`) and read back once.
+    """
+    return kcenter_order(features, k, first).cpu()
+
+
+def kcenter_order(features: Tensor, k: int, first: int = 0) -> Tensor:
+    """:func:`kcenter_greedy`'s picks as a (k,) int64 tensor on the features' device.
+
+    The argmax of every step is a 0-d device tensor, used as an index without being read back.
     """
     n = features.shape[0]
     if not 1 <= k <= n:
@@ -43,19 +52,19 @@ def kcenter_greedy(features: Tensor, k: int, first: int = 0) -> Tensor:
     if not 0 <= first < n:
         raise ValueError(f"first centre must be an index in [0, {n}), got {first}")
     f = features.detach().double()
-    out = [int(first)]
+    out = [torch.full((1,), int(first), dtype=torch.int64, device=f.device)]
     d = (f - f[first]).norm(dim=1)  # (n,) distance to the nearest centre so far
     for _ in range(k - 1):
-        j = int(d.argmax())  # the point farthest from every centre
+        j = d.argmax().view(1)  # the point farthest from every centre, (1,) on the device
         out.append(j)
-        d = torch.minimum(d, (f - f[j]).norm(dim=1))
-    return torch.tensor(out, dtype=torch.int64)
+        d = torch.minimum(d, (f - f.index_select(0, j)).norm(dim=1))
+    return torch.cat(out)
 
 
 def covering_radius(features: Tensor, centres: Tensor) -> float:
     """r(C) = max_x min_{c ∈ C} ‖e(x) − e(c)‖ for features (n, D) and centre indices (k,)."""
     f = features.detach().double()
-    return float(torch.cdist(f, f[centres]).min(dim=1).values.max())
+    return float(torch.cdist(f, f[centres.to(f.device)]).min(dim=1).values.max())
 
 
 def kcenter_set(dataset, ipc: int, seed: int = 0, buffer=None, expert: int = 0, epoch: int | None = None,
