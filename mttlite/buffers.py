@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .io import atomic_write
+from .io import atomic_write, tensors_digest
 
 FORMAT = "mttlite-buffer"
 VERSION = 1
@@ -55,6 +55,9 @@ EXPERT_RE = re.compile(r"^expert_(\d{5,})\.safetensors$")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 REGENERATE_HINT = "delete it and rerun `mttlite experts` with the same arguments to regenerate it"
+CHECKSUM_KEY = "sha256"  # header key of an expert file: {epoch: sha256 of that epoch's tensors}
+#: safetensors' dtype names → ours (what the header says each tensor is stored as).
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +166,35 @@ def read_meta(path: str | os.PathLike) -> dict:
             f"{meta_path} has unsupported buffer version {fmt!r}; this mttlite reads {FORMAT_VERSION!r}. "
             "Regenerate the buffer with this version's `mttlite experts`"
         )
+    _check_meta_fields(meta, meta_path)
     return meta
+
+
+#: The fields of meta.json a buffer cannot be read without.
+REQUIRED_FIELDS = ("dataset", "channel", "im_size", "num_classes", "zca", "arch", "param_names", "param_shapes",
+                   "epochs", "train_epochs", "dtype")
+
+
+def _check_meta_fields(meta: dict, meta_path: Path) -> None:
+    """Every required field present and of the right kind (a clear error, not a KeyError later)."""
+    missing = [k for k in REQUIRED_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the field(s) {missing}: it was edited or damaged; {REGENERATE_HINT}")
+    names, shapes, epochs = meta["param_names"], meta["param_shapes"], meta["epochs"]
+    bad = []
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        bad.append("param_names must be a non-empty list of names")
+    if not (isinstance(shapes, list) and all(isinstance(sh, list) and all(isinstance(d, int) and d >= 0 for d in sh)
+                                             for sh in shapes)):
+        bad.append("param_shapes must be a list of shapes (lists of sizes)")
+    elif isinstance(names, list) and len(shapes) != len(names):
+        bad.append(f"param_shapes has {len(shapes)} entries for {len(names)} param_names")
+    if not (isinstance(epochs, list) and epochs and all(isinstance(e, int) and e >= 0 for e in epochs)):
+        bad.append("epochs must be a non-empty list of epoch numbers")
+    if meta["dtype"] not in DTYPES:
+        bad.append(f"dtype must be one of {sorted(DTYPES)}, not {meta['dtype']!r}")
+    if bad:
+        raise ValueError(f"{meta_path} is damaged: {'; '.join(bad)}; {REGENERATE_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,14 +212,17 @@ def save_expert(
     """Atomically write expert ``index``: ``trajectory[epoch][name]`` = θ*_epoch[name].
 
     Tensors are cast to ``dtype`` on the CPU; ``metrics`` values are stored as JSON strings in
-    the safetensors header (it only holds str → str)."""
+    the safetensors header (it only holds str → str), and so is the sha256 of each epoch's tensors
+    (``io.tensors_digest``, under ``"sha256"``), checked when the epoch is read."""
     dt = dtype_from_name(dtype)
     tensors = {
         tensor_key(e, n): t.detach().to("cpu", dt).contiguous()
         for e, params in trajectory.items()
         for n, t in params.items()
     }
-    header = {"format": FORMAT_VERSION, **{k: json.dumps(v) for k, v in metrics.items()}}
+    digests = {str(e): tensors_digest({n: tensors[tensor_key(e, n)] for n in params}) for e, params in trajectory.items()}
+    header = {"format": FORMAT_VERSION, **{k: json.dumps(v) for k, v in metrics.items()},
+              CHECKSUM_KEY: json.dumps(digests)}
     out = Path(path) / expert_filename(index)
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=header))
     return out
@@ -220,6 +254,7 @@ class ExpertBuffer:
         self.path = Path(path)
         self.meta = meta
         self.expert_ids = expert_ids
+        self._verified: set[tuple[int, int]] = set()  # (expert, epoch) snapshots whose checksum and values were checked
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -231,18 +266,40 @@ class ExpertBuffer:
         meta = read_meta(path)
         ids = list_experts(path)
         buf = cls(path, meta, ids)
-        expected = {tensor_key(e, n) for e in buf.epochs for n in buf.param_names}
+        expected = {tensor_key(e, n): (list(sh), meta["dtype"])
+                    for e in buf.epochs for n, sh in zip(buf.param_names, meta["param_shapes"])}
         for i in ids:
             f = path / expert_filename(i)
-            keys, header = buf._read_header(f)
-            if header.get("format") != FORMAT_VERSION or keys != expected:
-                missing, extra = sorted(expected - keys), sorted(keys - expected)
+            layout, header = buf._read_layout(f)
+            keys = set(layout)
+            if header.get("format") != FORMAT_VERSION or keys != set(expected):
+                missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
                 raise ValueError(
                     f"{f} does not match {path / META_FILE} (format {header.get('format')!r}, "
                     f"{len(missing)} missing tensors e.g. {missing[:3]}, {len(extra)} unexpected e.g. {extra[:3]}); "
                     f"{REGENERATE_HINT}"
                 )
+            wrong = [f"{k}: {layout[k][1]} {layout[k][0]} instead of {want[1]} {want[0]}"
+                     for k, want in expected.items() if layout[k] != want]
+            if wrong:
+                raise ValueError(
+                    f"{f} does not match {path / META_FILE}: {len(wrong)} tensor(s) have another shape or dtype than "
+                    f"the buffer's (e.g. {'; '.join(wrong[:2])}): it comes from another buffer; {REGENERATE_HINT}"
+                )
         return buf
+
+    @staticmethod
+    def _read_layout(f: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+        """{key: (shape, dtype name)} of every tensor in ``f`` and its header, from the header alone."""
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                layout = {}
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    layout[k] = (list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+                return layout, dict(sf.metadata() or {})
+        except Exception as e:  # safetensors raises SafetensorError on truncated/corrupt files
+            raise ValueError(f"expert file {f} is truncated or corrupt ({e}); {REGENERATE_HINT}") from e
 
     @staticmethod
     def _read_header(f: Path) -> tuple[set[str], dict[str, str]]:
@@ -312,9 +369,30 @@ class ExpertBuffer:
         f = self._file(expert)
         try:
             with safe_open(str(f), framework="pt") as sf:
-                return {n: sf.get_tensor(tensor_key(epoch, n)).to(device=device, dtype=dtype) for n in self.param_names}
+                stored = {n: sf.get_tensor(tensor_key(epoch, n)) for n in self.param_names}  # on the CPU
+                header = sf.metadata() or {}
         except Exception as e:
             raise ValueError(f"could not read epoch {epoch} from expert file {f} ({e}); {REGENERATE_HINT}") from e
+        if (expert, epoch) not in self._verified:  # once per snapshot and process: host-side, before any device
+            self._verify(f, epoch, stored, header)
+            self._verified.add((expert, epoch))
+        return {n: t.to(device=device, dtype=dtype) for n, t in stored.items()}
+
+    @staticmethod
+    def _verify(f: Path, epoch: int, stored: dict[str, Tensor], header: dict[str, str]) -> None:
+        """The snapshot's sha256 (when the file records one) and finite values, or a ValueError naming the file."""
+        if CHECKSUM_KEY in header:
+            try:
+                want = json.loads(header[CHECKSUM_KEY]).get(str(epoch))
+            except (json.JSONDecodeError, AttributeError):
+                want = "unreadable"
+            if want is not None and tensors_digest(stored) != want:
+                raise ValueError(f"expert file {f} is corrupt: epoch {epoch}'s tensors do not match the sha256 recorded "
+                                 f"when it was written (a changed or damaged byte); {REGENERATE_HINT}")
+        bad = [n for n, t in stored.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"expert file {f} holds non-finite values (NaN/inf) at epoch {epoch} in {bad[:3]}: that "
+                             f"expert's training diverged (lr_teacher too large?); {REGENERATE_HINT}")
 
     def flat(self, expert: int, epoch: int, device="cpu", dtype: torch.dtype = torch.float32) -> Tensor:
         """θ*_epoch as one vector of shape (P,), concatenated in ``param_names`` order."""
@@ -325,7 +403,7 @@ class ExpertBuffer:
         """The expert's recorded metrics (JSON-decoded header values): ``train_acc``,
         ``test_acc``, ``train_loss`` (one per epoch 1..E), ``wall_time_s``, ``seed`` ..."""
         _, header = self._read_header(self._file(expert))
-        return {k: json.loads(v) for k, v in header.items() if k != "format"}
+        return {k: json.loads(v) for k, v in header.items() if k not in ("format", CHECKSUM_KEY)}
 
     # -- can a distillation use it? -------------------------------------------------------------
 

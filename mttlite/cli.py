@@ -8,9 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
+import traceback
 from dataclasses import fields, replace
+from pathlib import Path
+
+from .errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, Diverged, one_line
 
 SYMBOLS = {
     "ipc": "images per class in the synthetic set D_syn",
@@ -50,12 +56,24 @@ def _opt_int(s: str):
     return None if s.lower() in ("none", "all") else int(s)
 
 
+# argparse names the type function in its message ("invalid <__name__> value: 'abc'").
+_bool.__name__ = "true/false"
+_opt_int.__name__ = "integer (or 'all')"
+
+
+def _count(s: str) -> int:
+    return int(s)
+
+
+_count.__name__ = "integer"
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from .distill import DistillConfig
 
     g = p.add_argument_group("distillation settings (override the preset; paper symbols in brackets)")
     for f in fields(DistillConfig):
-        typ = {"int": int, "float": float, "bool": _bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        typ = {"int": _count, "float": float, "bool": _bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         if f.name in ("batch_syn", "samples_per_iteration"):
             typ = _opt_int
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=SYMBOLS.get(f.name, ""))
@@ -71,8 +89,15 @@ def _config_from(args):
 
 def cmd_experts(args):
     from .data import load_dataset
-    from .experts import train_experts
+    from .experts import _check_args, train_experts
+    from .io import check_writable_dir
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    _check_args(args.num_experts, args.train_epochs, args.keep_epochs, args.batch_real, args.parallel, args.dtype,
+                rank, world, args.lr_teacher)
+    if args.width < 1 or (args.depth is not None and args.depth < 1):
+        raise ValueError(f"--width and --depth must be >= 1, got {args.width} and {args.depth}")
+    check_writable_dir(args.out)
     ds = load_dataset(args.dataset, root=args.data_root, device=args.device, zca=args.zca, download=args.download)
     buf = train_experts(ds, args.out, num_experts=args.num_experts, train_epochs=args.train_epochs, arch=args.arch,
                         width=args.width, depth=args.depth, lr_teacher=args.lr_teacher, batch_real=args.batch_real,
@@ -82,14 +107,22 @@ def cmd_experts(args):
 
 
 def cmd_distill(args):
+    from .buffers import read_meta
+    from .io import RunLock, check_writable_dir
     from .pipeline import distill_set
 
     config = _config_from(args)
+    read_meta(args.buffer)  # a missing or foreign buffer: before the data set is loaded
+    if torch_rank() == 0:  # the rank that writes
+        check_writable_dir(args.out)
     print("config:", config.to_dict())
-    s = distill_set(config, args.buffer, args.out, data_root=args.data_root, device=args.device, resume=not args.restart)
-    if torch_rank() != 0:  # torchrun: rank 0 wrote the set
-        return
-    s.save_png_grid(f"{args.out}/synset.png")
+    lock = RunLock(args.out, "`mttlite distill` run") if torch_rank() == 0 else contextlib.nullcontext()
+    with lock:  # a second distill on the same --out stops at once instead of racing this one
+        s = distill_set(config, args.buffer, args.out, data_root=args.data_root, device=args.device,
+                        resume=not args.restart)
+        if torch_rank() != 0:  # torchrun: rank 0 wrote the set
+            return
+        s.save_png_grid(f"{args.out}/synset.png")
     print(f"saved {args.out}/synset.safetensors ({len(s.labels)} images, learned α = {s.syn_lr:.5g}) and {args.out}/synset.png")
 
 
@@ -99,11 +132,11 @@ def cmd_evaluate(args):
     from .synset import SyntheticSet
 
     s = SyntheticSet.load(args.set, device=args.device)
-    ds = load_dataset(s.dataset, root=args.data_root, device=args.device, zca=s.zca is not None, download=args.download)
     kw = dict(arch=args.arch or s.arch, epochs=args.epochs, num_nets=args.num_nets, seed=args.seed, lr=args.lr)
     if kw["arch"] == s.arch:
         kw.update({k: v for k, v in s.arch_kwargs.items() if k in ("width", "depth", "norm")})
-    protocol = EvalProtocol(**kw)
+    protocol = EvalProtocol(**kw)  # checked before the data set is loaded
+    ds = load_dataset(s.dataset, root=args.data_root, device=args.device, zca=s.zca is not None, download=args.download)
     print("protocol:", protocol.describe())
     print(s.evaluate(ds, protocol))
     if args.random_real:
@@ -111,15 +144,23 @@ def cmd_evaluate(args):
 
 
 def cmd_export(args):
+    from .io import check_writable_dir, check_writable_file
     from .synset import SyntheticSet
 
+    if not (args.png or args.imagefolder):
+        raise ValueError("nothing to do: give --png PATH and/or --imagefolder DIR")
+    if args.png:
+        check_writable_file(args.png, "--png")
+    if args.imagefolder:
+        d = Path(args.imagefolder)
+        if d.exists() and d.is_dir() and any(d.iterdir()):
+            raise ValueError(f"--imagefolder {d}: the folder exists and is not empty; choose a new folder or remove it")
+        check_writable_dir(d, "--imagefolder")
     s = SyntheticSet.load(args.set)
     if args.png:
         print("wrote", s.save_png_grid(args.png))
     if args.imagefolder:
         print("wrote", s.export_imagefolder(args.imagefolder))
-    if not (args.png or args.imagefolder):
-        raise SystemExit("nothing to do: give --png PATH and/or --imagefolder DIR")
 
 
 def cmd_presets(args):
@@ -134,8 +175,10 @@ def cmd_presets(args):
 
 
 def cmd_demo(args):
+    from .io import check_writable_dir
     from .pipeline import run_demo
 
+    check_writable_dir(args.out)
     run_demo(args.out, device=args.device)
 
 
@@ -151,17 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = common(sub.add_parser("experts", help="stage 1: train expert trajectories into a buffer"))
     e.add_argument("--dataset", default="fashion-mnist-mini")
     e.add_argument("--out", required=True, help="buffer directory (existing experts are kept; resumable)")
-    e.add_argument("--num-experts", type=int, default=10)
-    e.add_argument("--train-epochs", type=int, default=50, help="E: epochs per expert (paper: 50)")
+    e.add_argument("--num-experts", type=_count, default=10)
+    e.add_argument("--train-epochs", type=_count, default=50, help="E: epochs per expert (paper: 50)")
     e.add_argument("--arch", default="convnet")
-    e.add_argument("--width", type=int, default=128)
-    e.add_argument("--depth", type=int, default=None)
+    e.add_argument("--width", type=_count, default=128)
+    e.add_argument("--depth", type=_count, default=None)
     e.add_argument("--lr-teacher", type=float, default=0.01, help="experts' SGD learning rate (paper: 0.01)")
-    e.add_argument("--batch-real", type=int, default=256)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-real", type=_count, default=256)
+    e.add_argument("--seed", type=_count, default=0)
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage precision")
-    e.add_argument("--keep-epochs", type=int, default=None, help="store only epochs 0…K (distillation needs T+ + M)")
-    e.add_argument("--parallel", type=int, default=1, help="train K experts at once with torch.func.vmap")
+    e.add_argument("--keep-epochs", type=_count, default=None, help="store only epochs 0…K (distillation needs T+ + M)")
+    e.add_argument("--parallel", type=_count, default=1, help="train K experts at once with torch.func.vmap")
     e.add_argument("--zca", action="store_true")
     e.add_argument("--download", action="store_true")
     e.set_defaults(func=cmd_experts)
@@ -177,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = common(sub.add_parser("evaluate", help="train fresh networks on a set and report test accuracy"))
     v.add_argument("set", help="a synset.safetensors file")
     v.add_argument("--arch", default=None, help="evaluation architecture (default: the distillation's)")
-    v.add_argument("--epochs", type=int, default=300, help="training epochs per network (papers: 1000 with DSA)")
-    v.add_argument("--num-nets", type=int, default=5)
+    v.add_argument("--epochs", type=_count, default=300, help="training epochs per network (papers: 1000 with DSA)")
+    v.add_argument("--num-nets", type=_count, default=5)
     v.add_argument("--lr", type=float, default=None, help="default: the learned α (0.01 for sets without one)")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=_count, default=0)
     v.add_argument("--random-real", action="store_true", help="also evaluate random real images of the same size")
     v.add_argument("--download", action="store_true")
     v.set_defaults(func=cmd_evaluate)
@@ -225,14 +268,76 @@ def torch_rank() -> int:
     return process_group()[0]
 
 
+def _say(args, message) -> None:
+    print(f"mttlite {args.command}: error: {one_line(message)}", file=sys.stderr)
+
+
+def _os_message(e: OSError) -> str:
+    """An OSError as one sentence, with what to do for the usual causes."""
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    hint = {errno.ENOSPC: "free some space",
+            errno.EDQUOT: "free some space (disk quota exceeded)",
+            errno.EROFS: "the file system is read-only: choose another --out",
+            errno.EACCES: "no permission: choose another --out or fix the permissions"}.get(e.errno, "")
+    hint = f"; {hint}" if hint else ""
+    return (f"{what}{where}{hint}. Files are written atomically, so nothing partial was left; "
+            "rerun the same command once it is fixed (runs resume from what was saved)")
+
+
+def _saved_state(args) -> str:
+    """What an interrupted command leaves behind, and how to go on (the Ctrl-C message)."""
+    from .buffers import list_experts
+    from .io import read_meta_only
+
+    out = getattr(args, "out", None)
+    if args.command == "experts":
+        n = len(list_experts(out)) if out and Path(out).is_dir() else 0
+        return (f"{n} complete expert(s) are saved in {out} (the one in training is lost); "
+                "rerun the same command to train the rest")
+    if args.command == "distill":
+        ckpt = Path(out) / "checkpoint.safetensors"
+        if ckpt.is_file():
+            it = read_meta_only(ckpt).get("iteration", "?")
+            return (f"the checkpoint of iteration {it} is saved in {ckpt}; rerun the same command to resume from it "
+                    "(--restart starts over)")
+        return "no checkpoint was written yet (one every --checkpoint-every iterations); rerun the same command to start again"
+    if args.command == "demo":
+        return f"rerun the same command: the complete experts and the last distillation checkpoint under {out} are reused"
+    return "nothing was written"
+
+
 def main(argv=None) -> int:
+    """The command line. Expected errors end as one line on stderr and an exit code (``mttlite.errors``):
+    2 bad input, 3 divergence, 1 system error (disk full, read-only), 130 Ctrl-C; a bug keeps its
+    traceback, followed by a line asking for a report (exit code 70)."""
     args = build_parser().parse_args(argv)
     try:
-        if hasattr(args, "device"):
-            args.device = resolve_device(args.device)
-    except ValueError as e:
-        print(f"mttlite {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _main(args)
+    except KeyboardInterrupt:
+        print(f"\nmttlite {args.command}: interrupted (Ctrl-C): {_saved_state(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Diverged as e:
+        _say(args, e)
+        return EXIT_DIVERGED
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        _say(args, e)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        _say(args, _os_message(e))
+        return EXIT_OS
+    except Exception:
+        traceback.print_exc()
+        from . import __version__
+
+        print(f"mttlite {args.command}: internal error: this is a bug in mttlite {__version__}, not in your settings; "
+              "please report it with the command line and the traceback above", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _main(args) -> int:
+    if hasattr(args, "device"):
+        args.device = resolve_device(args.device)
     if args.command in ("distill", "demo") and getattr(args, "device", "cpu") == "cpu":
         from .perf import keep_freed_memory
 
@@ -248,9 +353,5 @@ def main(argv=None) -> int:
         # evaluate trains network i on rank i % W. Rank 0 alone writes files and prints results.
         if init_distributed(args.device) and torch_rank() != 0:
             sys.stdout = open(os.devnull, "w")  # every rank holds the same results: print them once
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mttlite {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    args.func(args)
     return 0

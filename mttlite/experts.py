@@ -57,6 +57,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -77,6 +78,8 @@ from .buffers import (
     save_expert,
     write_or_check_meta,
 )
+from .errors import Diverged
+from .io import RunLock
 from .networks import get_network
 
 Params = dict  # {param_name: Tensor}
@@ -288,17 +291,23 @@ class _Group:
             correct += n_right.double()
         return loss_sum, correct
 
-    def train_epoch(self, X: Tensor, Y: Tensor) -> None:
+    def train_epoch(self, X: Tensor, Y: Tensor) -> list[int]:
         """One pass over (X, Y) for every expert; appends train loss and accuracy (measured on the
         augmented batches, before each step, like the reference ``epoch('train', ...)``).
 
-        The sums stay on the device during the epoch (``epoch_sums``) and are read once, at its end."""
-        N = X.shape[0]
+        The sums stay on the device during the epoch (``epoch_sums``) and are read once, at its end,
+        together with whether each expert's parameters are all finite. Returns the indices of the
+        experts whose parameters are not (diverged: they must not be saved)."""
+        N, K = X.shape[0], len(self.experts)
         loss_sum, correct = self.epoch_sums(X, Y)
-        loss_sum, correct = loss_sum.tolist(), correct.tolist()  # the epoch's one host synchronisation
+        finite = torch.stack([torch.isfinite(p).reshape(K, -1).all(1) if self.vmapped else torch.isfinite(p).all()[None]
+                              for p in self.params.values()]).all(0).to(loss_sum.dtype)
+        sums = torch.stack([loss_sum, correct, finite]).tolist()  # the epoch's one host synchronisation
+        loss_sum, correct, finite = sums
         for k, ex in enumerate(self.experts):
             ex.train_loss.append(loss_sum[k] / N)
             ex.train_acc.append(correct[k] / N)
+        return [ex.index for k, ex in enumerate(self.experts) if not finite[k]]
 
     @torch.no_grad()
     def evaluate(self, X: Tensor, Y: Tensor, chunk: int) -> None:
@@ -335,9 +344,27 @@ def _resolve_device(device, world_size: int):
     return torch.device(device)
 
 
-def _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size) -> None:
+#: The largest lr_teacher accepted (10⁴ × the paper's 0.01): beyond it SGD diverges at once.
+LR_TEACHER_MAX = 100.0
+
+
+class ExpertDiverged(Diverged):
+    """An expert's parameters became non-finite; nothing of it was saved."""
+
+
+def _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size,
+                lr_teacher=0.01, momentum=0.0, weight_decay=0.0) -> None:
+    """Every argument of ``train_experts`` that can be checked before any work, or a ValueError naming it."""
     def bad(msg):
         raise ValueError(msg)
+
+    if not (isinstance(lr_teacher, (int, float)) and math.isfinite(lr_teacher) and 0 < lr_teacher <= LR_TEACHER_MAX):
+        bad(f"lr_teacher must be a positive finite number at most {LR_TEACHER_MAX:g} (the experts' SGD learning "
+            f"rate; the paper uses 0.01), got {lr_teacher!r}")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        bad(f"momentum must be in [0, 1), got {momentum!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        bad(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
     if int(num_experts) != num_experts or num_experts < 0:
         bad(f"num_experts must be an integer >= 0, got {num_experts!r}")
@@ -399,9 +426,12 @@ def train_experts(
     """
     rank = int(os.environ.get("RANK", "0")) if rank is None else int(rank)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
-    _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size)
+    _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size,
+                lr_teacher, momentum, weight_decay)
     strategy = augment.default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
     augment.parse_strategy(strategy)  # fail early on a typo, with the valid ops listed
+    if not bool(torch.isfinite(dataset.train_images).all()):  # else every expert would "diverge"
+        raise ValueError(f"the training images of {dataset.name} hold non-finite values (NaN/inf): check the data files")
     keep = train_epochs if keep_epochs is None else int(keep_epochs)
     stored_epochs = list(range(keep + 1))
     store_dtype = DTYPES[dtype]
@@ -440,6 +470,18 @@ def train_experts(
     }
     if getattr(dataset, "val_spec", None):  # the experts never saw this held-out validation split
         meta["val_holdout"] = dict(dataset.val_spec)
+    # One writer per (buffer, rank): a second `mttlite experts` on the same --out stops here with a clear
+    # message (torchrun's ranks write disjoint experts, each under its own lock).
+    with RunLock(out, "`mttlite experts` run", name=f".mttlite.lock.rank{rank}"):
+        return _train(dataset, out, meta, num_experts, train_epochs, arch, width, depth, norm, batch_real, strategy,
+                      seed, dtype, keep, store_dtype, parallel, device, progress, rank, world_size, callback,
+                      lr_teacher, momentum, weight_decay)
+
+
+def _train(dataset, out, meta, num_experts, train_epochs, arch, width, depth, norm, batch_real, strategy, seed, dtype,
+           keep, store_dtype, parallel, device, progress, rank, world_size, callback, lr_teacher, momentum,
+           weight_decay) -> ExpertBuffer:
+    fresh = not (out / "meta.json").exists()
     write_or_check_meta(out, meta)
 
     done = set(list_experts(out))
@@ -474,7 +516,18 @@ def train_experts(
             group = _Group(experts, nets, vmapped=parallel > 1, device=device, opts=opts)
             group.snapshot(0, store_dtype)
             for epoch in range(1, train_epochs + 1):
-                group.train_epoch(X, Y)
+                diverged = group.train_epoch(X, Y)
+                if diverged:
+                    if fresh and not list_experts(out):  # nothing of this buffer exists yet: leave no trace
+                        _remove_fresh_buffer(out)
+                    raise ExpertDiverged(
+                        f"expert(s) {diverged} diverged in epoch {epoch}: their parameters became non-finite (NaN/inf) "
+                        f"with lr_teacher = {lr_teacher:g}; lower it (e.g. --lr-teacher {lr_teacher / 10:g}; the "
+                        f"paper uses 0.01). Nothing of them was saved"
+                        + ("." if fresh and not list_experts(out) else
+                           f"; the buffer in {out} keeps its complete experts (and its recipe: use another --out "
+                           "for another lr_teacher).")
+                    )
                 group.evaluate(Xt, Yt, chunk=batch_real)
                 if epoch <= keep:
                     group.snapshot(epoch, store_dtype)
@@ -493,6 +546,15 @@ def train_experts(
     finally:
         bar.close()
     return ExpertBuffer.open(out)
+
+
+def _remove_fresh_buffer(out: Path) -> None:
+    """Undo the meta.json of a buffer whose first expert diverged (``RunLock`` then removes the
+    directory if this run created it)."""
+    try:
+        (out / "meta.json").unlink()
+    except OSError:
+        pass
 
 
 def _metrics(ex: _Expert, wall: float | None, group_size: int, device) -> dict:

@@ -110,5 +110,6 @@ def run_demo(out="runs/demo", device="cpu", progress=True) -> dict:
     print(f"\nIPC {config.ipc}, final test accuracy over {protocol.num_nets} fresh ConvNets ({protocol.epochs} epochs):")
     print(f"  MTT distilled   {res_mtt.mean * 100:5.1f} ± {res_mtt.std * 100:.1f} %")
     print(f"  random real     {res_rand.mean * 100:5.1f} ± {res_rand.std * 100:.1f} %")
-    print(f"wrote {out / 'synset.safetensors'}, {out / 'synset.png'}, {out / 'results.json'} ({t3 - t0:.0f}s in all)")
+    print(f"wrote {out / 'distill' / 'synset.safetensors'}, {out / 'synset.png'}, {out / 'results.json'} "
+          f"({t3 - t0:.0f}s in all)")
     return summary

@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +36,7 @@ from .evaluate import (
     hard_labels,
     random_real_subset,
 )
-from .io import atomic_write, load_tensors, save_tensors
+from .io import atomic_write, load_tensors, make_tmp_dir, save_tensors
 from .zca import ZCA
 
 FORMAT = "mttlite-synset"  # file tag: FORMAT + "/1"
@@ -230,7 +229,7 @@ class SyntheticSet:
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new folder or remove it")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        tmp = make_tmp_dir(out_dir)
         try:
             k_digits, i_digits = len(str(self.num_classes - 1)), len(str(max(len(self.images) - 1, 0)))
             folders = [f"{c:0{k_digits}d}_{re.sub(r'[^A-Za-z0-9._ -]', '_', name)}" for c, name in enumerate(self.class_names)]

@@ -99,7 +99,7 @@ def test_distiller_reads_the_host_once_per_iteration(monkeypatch):
     ``tolist`` of its scalars), whatever N. (Integer draws from the CPU generator are not device reads.)"""
     from core_helpers import sgd_trajectories
 
-    from mttlite.distill import DistillConfig, Distiller
+    from mttlite.distill import NUM_SCALARS, DistillConfig, Distiller
 
     class Data:
         name, num_classes, channel, im_size = "fashion-mnist-mini", 3, 1, (8, 8)
@@ -124,4 +124,4 @@ def test_distiller_reads_the_host_once_per_iteration(monkeypatch):
             monkeypatch.setattr(Tensor, name, spy)
         d.step()
         monkeypatch.undo()
-        assert reads == [("tolist", (8 + cfg.syn_steps,))], (gradient, reads)
+        assert reads == [("tolist", (NUM_SCALARS + cfg.syn_steps,))], (gradient, reads)

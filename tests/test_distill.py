@@ -121,7 +121,7 @@ def test_guard_fires_when_alpha_goes_non_positive_and_keeps_last_good_state(setu
     ∂L/∂α = 2α‖g‖²/… > 0 and one SGD step with a large lr_lr throws α below zero."""
     ds, net, experts = setup
     theta0 = experts.flat(0, 0)
-    still = MemoryTrajectories([[theta0, theta0 + 1e-4 * torch.randn(theta0.shape, generator=torch.Generator().manual_seed(0))]])
+    still = MemoryTrajectories([[theta0, theta0 + 1e-2 * torch.randn(theta0.shape, generator=torch.Generator().manual_seed(0))]])
     cfg = _config(iterations=3, max_start_epoch=1, expert_epochs=1, lr_lr=1.0)
     d = Distiller(cfg, ds, net, still)
     start_images = d.images.detach().clone()

@@ -1,0 +1,32 @@
+"""The errors the command line turns into one-line messages (``cli.main``), and how.
+
+* ``ValueError``, ``FileNotFoundError``, ``FileExistsError``: a setting or a file the user gave is
+  wrong; exit code 2 (as argparse's own errors).
+* :class:`Diverged`: a training diverged (``DistillationDiverged``, ``ExpertDiverged``); the message
+  names the knob to turn, and what was kept; exit code 3.
+* any other ``OSError`` (disk full, read-only file system, permission denied): exit code 1.
+* ``KeyboardInterrupt`` (Ctrl-C): what was saved and how to resume; exit code 130.
+* anything else is a bug: the traceback, then a line asking for a report; exit code 70.
+"""
+from __future__ import annotations
+
+EXIT_OS = 1
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_BUG = 70  # EX_SOFTWARE
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class Diverged(RuntimeError):
+    """A training diverged; the message says which setting to change and what state was kept."""
+
+
+def one_line(message) -> str:
+    """A (possibly multi-line) message on one line: ``"a:\\n  b\\n  c"`` → ``"a: b; c"``."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return f"{head} {'; '.join(rest)}" if head.endswith(":") else f"{head}; {'; '.join(rest)}"
