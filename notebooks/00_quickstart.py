@@ -29,8 +29,8 @@
 # matching loss, `04` the outer loop, `05` evaluation, `06` long vs short range, `07` memory,
 # `08` reproduction.
 #
-# **Run time** (shipped parameters): about 4 min on a Colab T4 GPU (estimate, not yet measured;
-# an H200 took 94 s, measured: 7 s experts, 69 s distillation, 10 s evaluation); CPU (2 cores)
+# **Run time** (shipped parameters): about 4 min on a Colab T4 GPU (estimate, not yet measured);
+# CPU (2 cores)
 # about 30 min, of which 22 min train the experts (estimated from measured unit costs: 26 s per
 # expert epoch and 2.3 s per distillation iteration at width 128). With `MTTLITE_CI=1` or the CI
 # parameters of `tests/test_notebooks.py`: 40 s on 2 CPU cores, expert training included
