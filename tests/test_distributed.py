@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, port: int, out: str, run_dir: str) -> None:
         torch.save({"images": d.images.detach(), "alpha": d.syn_lr.detach(), "loss": torch.tensor(d.history.loss)},
                    f"{out}/rank{rank}.pt")
     finally:
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort otherwise, seen once in CI)
         dist.destroy_process_group()
 
 
@@ -93,6 +94,7 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"accs": torch.tensor(res.accs, dtype=torch.float64), "train": torch.tensor(res.train_accs, dtype=torch.float64)},
                    f"{out}/eval{rank}.pt")
     finally:
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort otherwise, seen once in CI)
         dist.destroy_process_group()
 
 
