@@ -78,7 +78,7 @@ def matmul_gflops(n: int = 3072, repeats: int = 3, device="cpu") -> float:
 
 
 def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=10, width=128, iters=3,
-               device="cpu", strategy=DSA_STRATEGY, seed=0) -> dict:
+               device="cpu", strategy=DSA_STRATEGY, seed=0, precision="fp32") -> dict:
     """Median seconds of ``iters`` outer iterations (after one warm-up) and peak memory.
 
     ``mode``: "unroll" or "exact", optionally "+compile" (``StepKernels``, torch.compile); the
@@ -86,6 +86,8 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     "reference": the straightforward implementation that issue 4 compares with, measured on the same
     machine in the same run: the naive unroll, eager, with torch's own instance norm and pooling
     layers (``mttlite.layers.torch_layers``) and glibc's default allocator.
+    ``precision``: the student's arithmetic (``mttlite.precision``: "fp32", "bf16", "fp16"; fp16 with a
+    fixed loss scale of 2^8).
     """
     reference = mode == "reference"
     if reference:
@@ -101,7 +103,7 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     if reference:
         net = torch_layers(net)
     spec = ParamSpec.from_module(net)
-    kernels = StepKernels(net, spec) if option == "compile" else None
+    kernels = StepKernels(net, spec, precision=precision) if option == "compile" else None
     g = torch.Generator().manual_seed(seed)
     n = ipc * num_classes
     x = torch.randn(n, channel, im, im, generator=g).to(dev)
@@ -118,7 +120,8 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     for i in range(iters + 1):
         plan = make_plan(n, syn_steps, None, g)
         t0 = time.perf_counter()
-        mg = meta_gradient(grad_mode, net, spec, theta, target, x, y, alpha, plan, strategy, kernels=kernels)
+        mg = meta_gradient(grad_mode, net, spec, theta, target, x, y, alpha, plan, strategy, kernels=kernels,
+                           precision=precision, loss_scale=2.0 ** 8 if precision == "fp16" else None)
         mg.images.sum().item()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -134,7 +137,7 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     units = {"exact": 3 + 9, "unroll": 9}[grad_mode]
     work = flops * n * syn_steps * units
     out = {
-        "mode": "reference" if reference else mode, "syn_steps": syn_steps, "shape": [channel, im, im], "ipc": ipc,
+        "mode": "reference" if reference else mode, "precision": precision, "syn_steps": syn_steps, "shape": [channel, im, im], "ipc": ipc,
         "n_syn": n, "width": width,
         "device": str(dev), "sec_per_iter": statistics.median(times), "times": times, "first_iter_s": first,
         "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base_rss, "est_gflops": work / statistics.median(times) / 1e9,

@@ -5,7 +5,7 @@ color_crop_cutout_flip_scale_rotate, the exact meta-gradient. Reference (a strai
 flat-parameter implementation with naive unroll): ~15 s/iteration and ~4.6 GB on 2 CPU cores.
 
     python benchmarks/iteration_speed.py [--device cuda] [--iters 5] [--steps 10]
-        [--modes reference unroll exact unroll+compile exact+compile]
+        [--modes reference unroll exact unroll+compile exact+compile] [--precision fp32,bf16]
 
 "reference" measures that straightforward implementation here and now (the naive unroll with
 torch's own GroupNorm / AvgPool2d layers and glibc's default allocator); the "speed-up" column
@@ -14,6 +14,11 @@ Freed memory is kept for reuse (mttlite.perf.keep_freed_memory) unless MTTLITE_M
 "+compile" runs each student step through torch.compile (mttlite.kernels.StepKernels); its first
 iteration (compiling) is excluded from the median and shown separately. The last column compares
 the estimated convolution throughput with a large fp32 matrix product on the same machine.
+
+``--precision fp32,bf16`` (or fp16 on a GPU, loss-scaled at a fixed 2^8) runs every mode in each
+precision (mttlite.precision: the student under autocast, everything accumulated in fp32); the
+reference is always the fp32 one. Columns: s/iter, speed-up vs the reference, speed-up vs the same
+mode in fp32, and peak memory. What bf16 does to the gradient: benchmarks/precision_gradient.py.
 """
 import argparse
 import sys
@@ -31,26 +36,38 @@ if __name__ == "__main__":
     p.add_argument("--width", type=int, default=128, help="ConvNet width (128: the reference configuration)")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--modes", nargs="+", default=["reference", "unroll", "exact", "unroll+compile", "exact+compile"])
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16 (the reference is fp32 only)")
     a = p.parse_args()
+    precisions = [q for q in a.precision.split(",") if q]
+    from mttlite.precision import check_precision
+
+    for q in precisions:
+        check_precision(q, a.device)  # one line, before any measurement
     peak = matmul_gflops(device=a.device)
-    print(f"# iteration speed — {hardware()}; 1x28x28, IPC {a.ipc}, width {a.width}, N={a.steps}, device {a.device}")
+    print(f"# iteration speed — {hardware()}; 1x28x28, IPC {a.ipc}, width {a.width}, N={a.steps}, device {a.device}, "
+          f"precision {', '.join(precisions)}")
     print(f"# fp32 matrix product 3072x3072: {peak:.0f} GFLOP/s; allocator: "
           f"{malloc_mode()} (MTTLITE_MALLOC=default for glibc's defaults)")
-    print("| mode | median s/iter | speed-up vs reference | all s/iter | first iter s | peak memory MiB | est. GFLOP/s "
-          "| % of matmul |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows, ref = [], None
+    print("| mode | precision | median s/iter | speed-up vs reference | vs same mode fp32 | all s/iter | first iter s "
+          "| peak memory MiB | est. GFLOP/s | % of fp32 matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows, ref, fp32 = [], None, {}
     for mode in a.modes:
-        r = spawn(__file__, dict(mode=mode, syn_steps=a.steps, iters=a.iters, device=a.device, width=a.width, ipc=a.ipc))
-        rows.append(r)
-        if "error" in r:
-            print(f"| {mode} | error: {r['error']} | | | | | | |")
-            continue
-        if mode == "reference":
-            ref = r["sec_per_iter"]
-        speedup = f"{ref / r['sec_per_iter']:.2f}×" if ref else "—"
-        mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
-        times = ", ".join(f"{t:.2f}" for t in r["times"])
-        print(f"| {mode} | {r['sec_per_iter']:.2f} | {speedup} | {times} | {r['first_iter_s']:.1f} "
-              f"| {mem:.0f} | {r['est_gflops']:.1f} | {100 * r['est_gflops'] / peak:.0f} |", flush=True)
+        for prec in (["fp32"] if mode == "reference" else precisions):
+            r = spawn(__file__, dict(mode=mode, syn_steps=a.steps, iters=a.iters, device=a.device, width=a.width,
+                                     ipc=a.ipc, precision=prec))
+            rows.append(r)
+            if "error" in r:
+                print(f"| {mode} | {prec} | error: {r['error']} | | | | | | | |")
+                continue
+            if mode == "reference":
+                ref = r["sec_per_iter"]
+            if prec == "fp32":
+                fp32[mode] = r["sec_per_iter"]
+            speedup = f"{ref / r['sec_per_iter']:.2f}×" if ref else "—"
+            same = f"{fp32[mode] / r['sec_per_iter']:.2f}×" if mode in fp32 else "—"
+            mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
+            times = ", ".join(f"{t:.2f}" for t in r["times"])
+            print(f"| {mode} | {prec} | {r['sec_per_iter']:.2f} | {speedup} | {same} | {times} | {r['first_iter_s']:.1f} "
+                  f"| {mem:.0f} | {r['est_gflops']:.1f} | {100 * r['est_gflops'] / peak:.0f} |", flush=True)
     print("wrote", save(rows + [{"matmul_gflops": peak}], f"iteration_speed_{a.device.replace(':', '')}"))

@@ -12,6 +12,7 @@ One module per stage of the method (Cazenavette et al., CVPR 2022):
 ``meta_gradient``     ∂L/∂(pixels, α): full unroll, or the exact constant-memory adjoint
 ``distill``           stage 4: learning the pixels and α (the outer loop)
 ``evaluate``          the field's evaluation protocol;  ``synset``: the distilled set
+``importers``         sets made elsewhere;  ``swaps``: DC-Bench swaps;  ``scores``: DD-Ranking's LRS, ARS
 ====================  ===============================================================
 """
 __version__ = "0.1.0"

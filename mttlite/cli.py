@@ -1,8 +1,10 @@
-"""Command line: ``python -m mttlite {experts,distill,evaluate,export,presets,demo}``.
+"""Command line: ``python -m mttlite {experts,distill,evaluate,baselines,export,presets,demo}``.
 
     mttlite experts  --dataset fashion-mnist --out buffers/fmnist --num-experts 10 --train-epochs 50
     mttlite distill  --buffer buffers/fmnist --preset fashion-mnist-ipc10 --out runs/fmnist10
     mttlite evaluate runs/fmnist10/synset.safetensors --epochs 1000 --num-nets 5 --random-real
+    mttlite evaluate logged_files/CIFAR10/run/images_5000.pt --dataset cifar10 --space zca --scores
+    mttlite baselines dm --dataset fashion-mnist-mini --ipc 10 --out runs/dm10.safetensors
     mttlite export   runs/fmnist10/synset.safetensors --png grid.png --imagefolder runs/fmnist10/images
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ SYMBOLS = {
     "ipc": "images per class in the synthetic set D_syn",
     "syn_steps": "N: SGD steps the student takes on D_syn per iteration (more = longer-range matching, more compute)",
     "expert_epochs": "M: expert epochs the N student steps must cover (the target is θ*_{t+M})",
-    "max_start_epoch": "T+: the start epoch t is drawn from 0 … T+−1 (the authors raise T+ until unstable)",
+    "max_start_epoch": "T+: the start epoch t is drawn from 0 … T+−1 (the authors raise T+ until unstable; "
+                       "T− … T_cur−1 with the window settings below)",
     "iterations": "outer iterations of learning D_syn and α (paper: 5000)",
     "lr_img": "learning rate of the pixels (SGD, momentum 0.5)",
     "lr_lr": "learning rate of α, the student's learnable learning rate (SGD, momentum 0.5)",
@@ -41,6 +44,19 @@ SYMBOLS = {
     "samples_per_iteration": "(expert, t) samples whose meta-gradients are averaged per iteration (default: one "
                              "per torchrun rank, i.e. 1 in one process: the paper's algorithm)",
     "dataset": "data set name (see `mttlite presets` for names)",
+    "soft_labels": "TESLA/DATM: learn the labels too (logits, initialised from expert 0's final epoch; the student "
+                   "and the exported set use their softmax); with pix_init 'real' the initial images are ones that "
+                   "expert classifies correctly (default: off)",
+    "lr_y": "learning rate of the label logits with --soft-labels (SGD, same momentum; DATM: 2)",
+    "min_start_epoch": "T−: the start epoch t is drawn from T− … T_cur−1 (DATM; default 0)",
+    "current_max_start_epoch": "T_cur at the first iteration, growing linearly to T+ (DATM's sequential generation, "
+                               "e.g. 20 → 40 on CIFAR-10; default: T+ throughout)",
+    "expansion_end_iteration": "the iteration at which T_cur reaches T+ (DATM: 3000; default: --iterations)",
+    "auto_steps": "ATT: match at the student step n* ≤ N closest to θ*_{t+M} instead of at N (default: off)",
+    "ema_decay": "FTD/DATM: export an exponential moving average of the pixels with this decay, in [0, 1) "
+                 "(DATM: 0.999; default: none)",
+    "precision": "the student's arithmetic: fp32 (default), bf16 (CPUs with AVX512-BF16/AMX, GPUs) or fp16 "
+                 "(GPUs, loss-scaled); pixels, α and every update stay fp32",
 }
 
 
@@ -56,9 +72,14 @@ def _opt_int(s: str):
     return None if s.lower() in ("none", "all") else int(s)
 
 
+def _opt_float(s: str):
+    return None if s.lower() in ("none", "off") else float(s)
+
+
 # argparse names the type function in its message ("invalid <__name__> value: 'abc'").
 _bool.__name__ = "true/false"
 _opt_int.__name__ = "integer (or 'all')"
+_opt_float.__name__ = "number (or 'none')"
 
 
 def _count(s: str) -> int:
@@ -74,9 +95,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distillation settings (override the preset; paper symbols in brackets)")
     for f in fields(DistillConfig):
         typ = {"int": _count, "float": float, "bool": _bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        if f.name in ("batch_syn", "samples_per_iteration"):
+        if f.name in ("batch_syn", "samples_per_iteration", "current_max_start_epoch", "expansion_end_iteration"):
             typ = _opt_int
-        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=SYMBOLS.get(f.name, ""))
+        if f.name == "ema_decay":
+            typ = _opt_float
+        # a true/false setting also works as a bare flag: `--soft-labels` = `--soft-labels true`
+        flag = dict(nargs="?", const=True) if typ is _bool else {}
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=SYMBOLS.get(f.name, ""),
+                       **flag)
 
 
 def _config_from(args):
@@ -110,8 +136,10 @@ def cmd_distill(args):
     from .buffers import read_meta
     from .io import RunLock, check_writable_dir
     from .pipeline import distill_set
+    from .precision import check_precision
 
     config = _config_from(args)
+    check_precision(config.precision, args.device)  # bf16 / fp16 where they cannot run: before any work
     read_meta(args.buffer)  # a missing or foreign buffer: before the data set is loaded
     if torch_rank() == 0:  # the rank that writes
         check_writable_dir(args.out)
@@ -127,20 +155,15 @@ def cmd_distill(args):
 
 
 def cmd_evaluate(args):
-    from .data import load_dataset
-    from .evaluate import EvalProtocol, evaluate_random_real
-    from .synset import SyntheticSet
+    from .commands import run_evaluate
 
-    s = SyntheticSet.load(args.set, device=args.device)
-    kw = dict(arch=args.arch or s.arch, epochs=args.epochs, num_nets=args.num_nets, seed=args.seed, lr=args.lr)
-    if kw["arch"] == s.arch:
-        kw.update({k: v for k, v in s.arch_kwargs.items() if k in ("width", "depth", "norm")})
-    protocol = EvalProtocol(**kw)  # checked before the data set is loaded
-    ds = load_dataset(s.dataset, root=args.data_root, device=args.device, zca=s.zca is not None, download=args.download)
-    print("protocol:", protocol.describe())
-    print(s.evaluate(ds, protocol))
-    if args.random_real:
-        print("random real:", evaluate_random_real(ds, s.ipc, protocol, seed=args.seed))
+    run_evaluate(args)  # every input checked before work; results.json written at the end
+
+
+def cmd_baselines(args):
+    from .commands import run_baselines
+
+    run_baselines(args)
 
 
 def cmd_export(args):
@@ -217,16 +240,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(d)
     d.set_defaults(func=cmd_distill)
 
-    v = common(sub.add_parser("evaluate", help="train fresh networks on a set and report test accuracy"))
-    v.add_argument("set", help="a synset.safetensors file")
+    v = common(sub.add_parser("evaluate", help="train fresh networks on a set, report test accuracy, write results.json"))
+    v.add_argument("set", help="the set: a mttlite .safetensors; the MTT authors' images_<tag>.pt (or its folder); "
+                               "an ImageFolder of PNGs; a .safetensors/.pt with images, labels, syn_lr")
+    v.add_argument("--format", default="auto", choices=["auto", "mttlite", "authors", "folder", "tensor"],
+                   help="how the set is stored (default: told from the path)")
+    v.add_argument("--space", default=None, choices=["normalised", "zca", "pixels"],
+                   help="the space of an imported set's images (authors, tensor): normalised (x = (p - mean) / std), "
+                        "zca (MTT's --zca runs) or pixels (p in [0, 1]); required, never guessed")
+    v.add_argument("--dataset", default=None, help="the data set an imported set belongs to (required unless mttlite)")
     v.add_argument("--arch", default=None, help="evaluation architecture (default: the distillation's)")
-    v.add_argument("--epochs", type=_count, default=300, help="training epochs per network (papers: 1000 with DSA)")
-    v.add_argument("--num-nets", type=_count, default=5)
+    v.add_argument("--width", type=_count, default=None, help="network width (default: the distillation's, else 128)")
+    v.add_argument("--epochs", type=_count, default=None, help="training epochs per network (default 300; papers: 1000 with DSA)")
+    v.add_argument("--num-nets", type=_count, default=None, help="networks trained (default 5)")
+    v.add_argument("--batch", type=_count, default=None, help="SGD batch size (default 256)")
+    v.add_argument("--dsa-strategy", default=None, help=SYMBOLS["dsa_strategy"])
     v.add_argument("--lr", type=float, default=None, help="default: the learned α (0.01 for sets without one)")
-    v.add_argument("--seed", type=_count, default=0)
+    v.add_argument("--seed", type=_count, default=None, help="protocol seed (default 0)")
+    v.add_argument("--protocol", default=None, metavar="FILE",
+                   help="a JSON object of EvalProtocol fields (flags given override it)")
+    v.add_argument("--val-per-class", type=_count, default=None, metavar="N",
+                   help="hold N training images per class out as a validation split and report its accuracy too")
     v.add_argument("--random-real", action="store_true", help="also evaluate random real images of the same size")
+    v.add_argument("--swaps", action="store_true",
+                   help="DC-Bench-style table: the protocol with augmentation none/dsa/crop/flip, --swap-archs, --swap-epochs")
+    v.add_argument("--swap-archs", default=None, metavar="A,B", help="evaluation networks for --swaps, e.g. mlp,lenet")
+    v.add_argument("--swap-epochs", default=None, metavar="E,F", help="epoch counts for --swaps, e.g. 100,1000")
+    v.add_argument("--scores", action="store_true",
+                   help="DD-Ranking's LRS and ARS (trains a random real subset, and the full data unless --full-acc)")
+    v.add_argument("--full-acc", type=float, default=None,
+                   help="a known full-data accuracy in [0, 1] for --scores, instead of training on the full data")
+    v.add_argument("--full-epochs", type=_count, default=None, help="epochs on the full data for --scores (default --epochs)")
+    v.add_argument("--out", default=None, help="results file (.json) or folder (default: results.json beside the set)")
     v.add_argument("--download", action="store_true")
     v.set_defaults(func=cmd_evaluate)
+
+    b = common(sub.add_parser("baselines", help="build a baseline set (random, herding, kcenter, forgetting, dc, dsa, "
+                                                "dm, dcc, mtt) and save it; `baselines list` shows their options"))
+    b.add_argument("method", help="a method name, or `list`")
+    b.add_argument("--dataset", default="fashion-mnist-mini")
+    b.add_argument("--ipc", type=_count, default=None, help=SYMBOLS["ipc"])
+    b.add_argument("--out", default=None, help="the set's .safetensors file")
+    b.add_argument("--seed", type=_count, default=0)
+    b.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. --opt iterations=200; `baselines list` names them")
+    b.add_argument("--val-per-class", type=_count, default=None, metavar="N",
+                   help="hold N training images per class out (the method never sees them)")
+    b.add_argument("--zca", action="store_true")
+    b.add_argument("--download", action="store_true")
+    b.set_defaults(func=cmd_baselines)
 
     x = sub.add_parser("export", help="write a synthetic set as a PNG grid and/or an ImageFolder tree")
     x.add_argument("set")

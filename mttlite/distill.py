@@ -21,17 +21,47 @@ construction; the trade-off is that ``lr_lr`` then acts on log α (a relative st
 Every ``checkpoint_every`` iterations the whole state (pixels, α, the optimisers' momentum
 buffers and the random generator) is written atomically; an interrupted run resumes from it and,
 on CPU with the same seed, ends bit-identical to an uninterrupted run.
+
+The trajectory-matching family, as switches on :class:`DistillConfig` (each off by default, and
+off it changes nothing: plain MTT draws and computes exactly what it did without them):
+
+* ``soft_labels`` (TESLA, DATM): the labels are learned too. They are logits z (n, K) and the
+  student trains on y = softmax(z) (rows ≥ 0, summing to 1) with the soft cross-entropy
+  ℓ = −mean_b Σ_k y_bk log softmax(f(x_b))_k; z takes SGD steps of rate ``lr_y`` (momentum
+  ``momentum``) on ∂L/∂z = y ⊙ (∂L/∂y − Σ_k y_k ∂L/∂y_k). Initialisation, DATM's way: z = the logits
+  of expert 0 at its last stored epoch on the initial images, and with ``pix_init="real"`` those
+  images are drawn among the real images that expert classifies correctly. The exported set
+  carries y (n, K), so evaluation trains on soft labels.
+* the matching window (DATM): t is drawn from [T−, T_cur) with T− = ``min_start_epoch`` and T_cur
+  growing linearly from ``current_max_start_epoch`` to T+ = ``max_start_epoch`` by iteration
+  ``expansion_end_iteration`` (:func:`start_window`).
+* ``auto_steps`` (ATT): the student is matched at n* = argmin_{1≤n≤N} ‖θ̂_n − θ*_{t+M}‖², with the
+  exact gradient of that shorter unroll (``meta_gradient.py``); ``History.student_steps`` keeps n*.
+* ``ema_decay`` (FTD, DATM): an exponential moving average of the pixels, x̄ ← d·x̄ + (1−d)·x after
+  each update (x̄ = x at the start), is what the exported set holds.
+
+``precision`` ("fp32" default, "bf16", "fp16"; ``mttlite.precision``) runs the student under autocast
+(forward, backward, double backward); the pixels, α, the labels, the experts' θ and every update stay
+float32. With "fp16" the meta-gradient is loss-scaled by a dynamic S (``precision.LossScaler``): an
+iteration whose gradient overflows is undone and redone with S/2 (same draws), so it never reaches
+the guard; S is saved in checkpoints.
+
+DATM's own settings (its CIFAR-10 configuration): ``soft_labels`` with lr_y = 2 and label momentum
+0.9 (here the labels share ``momentum``, 0.5 by default), ``ema_decay`` = 0.999,
+``current_max_start_epoch`` = 20 growing to T+ = 40 by ``expansion_end_iteration`` = 3000, T− = 0.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .augment import default_strategy, parse_strategy
@@ -40,6 +70,7 @@ from .io import generator_state, load_tensors, save_tensors
 from .kernels import StepKernels
 from .meta_gradient import GRADIENT_MODES, meta_gradient
 from .params import ParamSpec
+from .precision import PRECISIONS, LossScaler, check_precision
 from .ranks import process_group
 from .student import make_plan
 
@@ -75,9 +106,12 @@ PIXEL_RMS_MAX = 1e3
 #: expert's own path is long: it diverged.
 LOSS_MAX = 1e3
 #: Knobs that may change on resume (``Distiller.load_checkpoint``): the ones the guard asks you to turn.
-RESUMABLE_KNOBS = ("lr_img", "lr_lr", "max_start_epoch")
+RESUMABLE_KNOBS = ("lr_img", "lr_lr", "max_start_epoch", "lr_y")
 #: How many scalars ``Distiller.step`` reads back in its one host sync, before the N student losses.
-NUM_SCALARS = 10
+NUM_SCALARS = 12
+#: Real images the labelling expert classifies per forward pass when it picks the initial images
+#: (``soft_labels`` with ``pix_init="real"``; DATM's batch).
+LABEL_CHUNK = 256
 
 
 @dataclass
@@ -106,6 +140,17 @@ class DistillConfig:
     samples_per_iteration: int | None = None
     seed: int = 0
     checkpoint_every: int = 50
+    # -- the trajectory-matching family (module docstring; each off by default = plain MTT) ---------
+    soft_labels: bool = False  # TESLA/DATM: learn logits z of the labels; the student sees y = softmax(z)
+    lr_y: float = 2.0  # SGD learning rate of the label logits z (DATM: 2)
+    min_start_epoch: int = 0  # T−: t is drawn from T− … T_cur − 1 (DATM's lower bound)
+    current_max_start_epoch: int | None = None  # T_cur at iteration 0, growing to T+ (DATM); None: T_cur = T+
+    expansion_end_iteration: int | None = None  # the iteration T_cur reaches T+ (DATM: 3000); None: ``iterations``
+    auto_steps: bool = False  # ATT: match at n* = argmin_{1≤n≤N} ‖θ̂_n − θ*_{t+M}‖² instead of at N
+    ema_decay: float | None = None  # FTD/DATM: export the EMA of the pixels with this decay (DATM: 0.999)
+    # the student's arithmetic (mttlite.precision): "fp32", "bf16" (CPUs with AVX512-BF16/AMX, GPUs),
+    # "fp16" (GPUs, loss-scaled); the pixels, α, θ and every update stay float32
+    precision: str = "fp32"
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming every bad field."""
@@ -139,6 +184,9 @@ class DistillConfig:
             errs.append(f"compile must be True or False, got {self.compile!r}")
         if self.alpha_param not in ALPHA_PARAMS:
             errs.append(f"alpha_param must be one of {ALPHA_PARAMS}, got {self.alpha_param!r}")
+        if self.precision not in PRECISIONS:
+            errs.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        errs += self._family_errors()
         try:
             parse_strategy(self.dsa_strategy)
         except ValueError as e:
@@ -146,6 +194,36 @@ class DistillConfig:
         if errs:
             raise ValueError("invalid DistillConfig:\n  " + "\n  ".join(errs))
         return self
+
+    def _family_errors(self) -> list[str]:
+        """The trajectory-matching family's settings (soft labels, window, automatic N, EMA)."""
+        errs = []
+        for name in ("soft_labels", "auto_steps"):
+            if not isinstance(getattr(self, name), bool):
+                errs.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        v = self.lr_y
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            errs.append(f"lr_y must be a positive finite number (> 0; DATM uses 2), got {v!r}")
+        d = self.ema_decay
+        if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < 1):
+            errs.append(f"ema_decay must be None (off) or in [0, 1) (DATM uses 0.999), got {d!r}")
+        T_plus = self.max_start_epoch if _is_int(self.max_start_epoch) and self.max_start_epoch >= 1 else None
+        low = self.min_start_epoch
+        if not (_is_int(low) and low >= 0):
+            errs.append(f"min_start_epoch (T−) must be an integer >= 0, got {low!r}")
+            low = None
+        elif T_plus is not None and low >= T_plus:
+            errs.append(f"min_start_epoch (T−) must be in [0, max_start_epoch − 1] = [0, {T_plus - 1}] "
+                        f"(t is drawn from T− … T+ − 1), got {low!r}")
+            low = None
+        cur = self.current_max_start_epoch
+        if cur is not None and T_plus is not None and low is not None and not (_is_int(cur) and low < cur <= T_plus):
+            errs.append(f"current_max_start_epoch (the initial T_cur) must be None or an integer in "
+                        f"[min_start_epoch + 1, max_start_epoch] = [{low + 1}, {T_plus}], got {cur!r}")
+        end = self.expansion_end_iteration
+        if end is not None and not (_is_int(end) and end >= 1):
+            errs.append(f"expansion_end_iteration must be None (= iterations) or an integer >= 1, got {end!r}")
+        return errs
 
     @property
     def needed_epochs(self) -> int:
@@ -157,6 +235,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillConfig":
+        """The inverse of ``to_dict``; fields it lacks (a file written before they existed) take their defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -182,6 +261,34 @@ PRESETS: dict[str, DistillConfig] = {
     # Teaching size: minutes on 2 CPU cores with the embedded set (used by `make demo`).
     "demo": DistillConfig("fashion-mnist-mini", 1, 10, 2, 3, 50, 100.0, 1e-6, 0.01, None, checkpoint_every=25),
 }
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def start_window(config: DistillConfig, iteration: int) -> tuple[int, int]:
+    """(low, high): the start epochs t drawn at ``iteration`` (0-based) are low … high − 1.
+
+    low = T− (``min_start_epoch``); high = T_cur, DATM's sequential generation::
+
+        T_cur = min(T+, T0 + ⌊(T+ − T0) · iteration / E⌋)
+
+    with T0 = ``current_max_start_epoch`` (None: T0 = T+, a fixed window), T+ = ``max_start_epoch``
+    and E = ``expansion_end_iteration`` (None: ``iterations``, so T_cur reaches T+ at the end of the
+    run). Plain MTT (the defaults): (0, T+) at every iteration.
+    """
+    T_plus = config.max_start_epoch
+    T0 = T_plus if config.current_max_start_epoch is None else config.current_max_start_epoch
+    E = config.iterations if config.expansion_end_iteration is None else config.expansion_end_iteration
+    return config.min_start_epoch, min(T_plus, T0 + (T_plus - T0) * iteration // E)
+
+
+def softmax_backward(y: Tensor, grad_y: Tensor) -> Tensor:
+    """∂L/∂z for y = softmax(z) (row-wise), from ∂L/∂y: ∂L/∂z_ik = y_ik (∂L/∂y_ik − Σ_j y_ij ∂L/∂y_ij).
+
+    y, grad_y: (n, K). The soft labels' chain rule (the labels are learned as logits z)."""
+    return y * (grad_y - (y * grad_y).sum(1, keepdim=True))
 
 
 def preset(name: str, **overrides) -> DistillConfig:
@@ -244,6 +351,7 @@ class IterationInfo:
     student_losses: list[float]  # ℓ at each student step
     seconds: float  # wall time of this iteration
     images: Tensor  # the current synthetic images (a live reference: clone to keep)
+    student_steps: float  # n*, the student step L was measured at (N unless auto_steps; mean over samples)
 
 
 @dataclass
@@ -251,6 +359,8 @@ class History:
     loss: list[float] = field(default_factory=list)
     syn_lr: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    # n* per iteration (N unless auto_steps; the mean over the samples when samples_per_iteration > 1)
+    student_steps: list[float] = field(default_factory=list)
 
 
 class Distiller:
@@ -265,7 +375,10 @@ class Distiller:
         self.dataset, self.model, self.experts = dataset, model.to(device), expert_source
         self.device = torch.device(device)
         self.spec = ParamSpec.from_module(model)
-        self.kernels = StepKernels(self.model, self.spec) if config.compile else None
+        check_precision(config.precision, self.device)  # bf16 on a CPU without it, fp16 on a CPU: refused here
+        self.kernels = StepKernels(self.model, self.spec, precision=config.precision) if config.compile else None
+        # fp16: the dynamic loss scale of the meta-gradient (host state; saved in checkpoints)
+        self.loss_scaler = LossScaler() if config.precision == "fp16" else None
         self.dsa_strategy = default_strategy(dataset.name) if config.dsa_strategy is None else config.dsa_strategy
         self._check_epochs()
         if len(expert_source) < 1:
@@ -276,7 +389,7 @@ class Distiller:
         if S % self.world_size:
             raise ValueError(f"samples_per_iteration={S} must be a multiple of the number of ranks ({self.world_size})")
         self.samples_per_iteration = S
-        self.images, self.labels = self._init_images()
+        self.images, self.labels, self.label_logits = self._init_images()
         n = self.images.shape[0]
         if config.batch_syn is not None and config.batch_syn > n:
             raise ValueError(f"batch_syn={config.batch_syn} is larger than the synthetic set ({n} images = ipc × classes)")
@@ -284,6 +397,10 @@ class Distiller:
         self.alpha_raw = torch.tensor(float(a0), device=self.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum)
         self.opt_lr = torch.optim.SGD([self.alpha_raw], lr=config.lr_lr, momentum=config.momentum)
+        self.opt_y = (torch.optim.SGD([self.label_logits], lr=config.lr_y, momentum=config.momentum)
+                      if self.label_logits is not None else None)
+        # x̄, the EMA of the pixels (ema_decay): starts at the initial images
+        self.images_ema = self.images.detach().clone() if config.ema_decay is not None else None
         self.iteration = 0
         self.history = History()
         self._previous = None  # (state before the last update, its iteration, history length, changes)
@@ -292,48 +409,104 @@ class Distiller:
     def _check_epochs(self):
         stored = set(self.experts.epochs)
         c = self.config
-        missing = [e for e in range(c.max_start_epoch + c.expert_epochs) if e not in stored]
+        low, last = c.min_start_epoch, c.max_start_epoch + c.expert_epochs - 1
+        missing = [e for e in range(low, last + 1) if e not in stored]
         if missing:
+            window = f"min_start_epoch (T−) = {low}, " if low else ""
             raise ValueError(
-                f"the expert buffer stores epochs up to {max(stored)}, but max_start_epoch (T+) = {c.max_start_epoch} "
-                f"with expert_epochs (M) = {c.expert_epochs} needs epochs 0 … {c.max_start_epoch + c.expert_epochs - 1}: "
+                f"the expert buffer stores epochs up to {max(stored)}, but {window}max_start_epoch (T+) = {c.max_start_epoch} "
+                f"with expert_epochs (M) = {c.expert_epochs} needs epochs {low} … {last}: "
                 "lower max_start_epoch / expert_epochs, or train experts for more epochs"
             )
 
-    def _init_images(self) -> tuple[Tensor, Tensor]:
-        """x: (ipc·K, C, H, W) from random real images of each class (or noise); y: (ipc·K,) class-major."""
+    def _init_images(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x: (ipc·K, C, H, W) from random real images of each class (or noise); y: (ipc·K,) class-major;
+        with ``soft_labels`` the label logits z (ipc·K, K), learnable, else None.
+
+        Soft labels, DATM's way: z = f(x; θ*) with θ* expert 0 at its last stored epoch, and the real
+        images are the first ``ipc`` of each class's random order that this expert classifies correctly."""
         c, ds = self.config, self.dataset
         K = ds.num_classes
         counts = torch.bincount(ds.train_labels.cpu(), minlength=K)
         if c.ipc > int(counts.min()):
             raise ValueError(f"ipc={c.ipc} is larger than the smallest class of {ds.name} ({int(counts.min())} images)")
         labels = torch.arange(K).repeat_interleave(c.ipc)
+        theta = self._label_expert() if c.soft_labels else None
         if c.pix_init == "real":
             picks = []
             for k in range(K):
                 idx = torch.nonzero(ds.train_labels.cpu() == k).flatten()
-                picks.append(idx[torch.randperm(len(idx), generator=self.generator)[: c.ipc]])
+                order = idx[torch.randperm(len(idx), generator=self.generator)]
+                picks.append(order[: c.ipc] if theta is None else self._classified_correctly(k, order, theta))
             images = ds.train_images[torch.cat(picks).to(ds.train_images.device)].detach().clone()
         else:
             images = torch.randn((K * c.ipc, ds.channel, *ds.im_size), generator=self.generator)
-        return images.to(self.device).requires_grad_(True), labels.to(self.device)
+        images = images.to(self.device)
+        logits = None
+        if theta is not None:  # z = f(x; θ*): the expert's logits, learnable
+            logits = self._expert_logits(theta, images).to(images.dtype).requires_grad_(True)
+        return images.requires_grad_(True), labels.to(self.device), logits
+
+    def _label_expert(self) -> Tensor:
+        """θ* that labels the set (``soft_labels``): expert 0 at its last stored epoch (DATM: ``buffer[0][-1]``), (P,)."""
+        return self.experts.flat(0, max(self.experts.epochs), device=self.device)
+
+    def _expert_logits(self, theta: Tensor, x: Tensor) -> Tensor:
+        """f(x; θ), (n, K), without a graph, ``LABEL_CHUNK`` images at a time; x: (n, C, H, W) anywhere."""
+        params = self.spec.unflatten(theta)
+        with torch.no_grad():
+            return torch.cat([functional_call(self.model, params, (xb.to(self.device, theta.dtype),))
+                              for xb in x.split(LABEL_CHUNK)])
+
+    def _classified_correctly(self, k: int, order: Tensor, theta: Tensor) -> Tensor:
+        """The first ``ipc`` indices of ``order`` (class k's training images, in random order) whose image
+        the expert θ classifies as k; a class with fewer is filled up with misclassified ones, with a warning."""
+        ipc, right, wrong, found = self.config.ipc, [], [], 0
+        for part in order.split(max(LABEL_CHUNK, ipc)):
+            x = self.dataset.train_images[part.to(self.dataset.train_images.device)]
+            ok = self._expert_logits(theta, x).argmax(1).cpu() == k
+            right.append(part[ok])
+            wrong.append(part[~ok])
+            found += int(ok.sum())
+            if found >= ipc:
+                break
+        if found < ipc:
+            warnings.warn(f"soft_labels: the labelling expert (expert 0, last stored epoch) classifies only {found} "
+                          f"of the {len(order)} training images of class {k} correctly, fewer than ipc = {ipc}: "
+                          f"{ipc - found} of its synthetic images start from misclassified ones", stacklevel=4)
+        return torch.cat(right + wrong)[:ipc]
 
     @property
     def syn_lr(self) -> Tensor:
         """α (a scalar tensor in the graph of ``alpha_raw``)."""
         return self.alpha_raw.exp() if self.config.alpha_param == "log" else self.alpha_raw
 
+    @property
+    def targets(self) -> Tensor:
+        """The labels the student trains on (and the exported set carries): (n,) class indices, or with
+        ``soft_labels`` y = softmax(z), (n, K), detached: every row ≥ 0 and summing to 1."""
+        if self.label_logits is None:
+            return self.labels
+        return torch.softmax(self.label_logits.detach(), dim=1)
+
+    @property
+    def synset_images(self) -> Tensor:
+        """The images to export, detached: the EMA x̄ with ``ema_decay``, else the current images."""
+        return (self.images if self.images_ema is None else self.images_ema).detach()
+
     # -- one outer iteration -------------------------------------------------------------------
     def _draw(self):
         """One sample of the iteration's randomness: (expert, t, StepPlan), in the original draw order."""
         c, g = self.config, self.generator
         expert = int(torch.randint(len(self.experts), (1,), generator=g))
-        start = int(torch.randint(c.max_start_epoch, (1,), generator=g))  # t ~ U{0, …, T+−1}
+        low, high = start_window(c, self.iteration)
+        start = int(torch.randint(low, high, (1,), generator=g))  # t ~ U{T−, …, T_cur−1} (plain MTT: U{0, …, T+−1})
         return expert, start, make_plan(self.images.shape[0], c.syn_steps, c.batch_syn, g)
 
     def step(self) -> IterationInfo:
         """One outer iteration: S = ``samples_per_iteration`` samples (expert, t), their meta-gradients
-        averaged, one SGD step on the pixels and on α.
+        averaged, one SGD step on the pixels and on α (and on the label logits with ``soft_labels``;
+        then the pixels' EMA with ``ema_decay``).
 
         All S samples are drawn on every rank from the shared generator (so every rank, and a resumed
         run, stays in step); rank r computes samples r, r + W, … and the sums are all-reduced.
@@ -345,37 +518,62 @@ class Distiller:
         gradients) and the update it made (α and the pixels after it). A refused update is undone; a
         refused starting state is rolled back to the state before the update that produced it (when
         this process made that update). Either way :class:`DistillationDiverged` names the knob to turn.
+
+        With ``precision="fp16"`` a non-finite L or gradient first halves the loss scale and redoes the
+        iteration from the same state and draws (``precision.LossScaler``); only at scale 1 is it judged.
         """
-        c, g = self.config, self.generator
         t0 = time.perf_counter()
+        while True:
+            info = self._attempt(t0)
+            if info is not None:
+                return info
+
+    def _attempt(self, t0: float) -> IterationInfo | None:
+        """One try of :meth:`step`; None when an fp16 gradient overflowed and the loss scale was halved:
+        the state (generator included) is then as before, and the caller tries again."""
+        c = self.config
         backup = self._snapshot()  # the state this iteration starts from, its generator state included
         draws = [self._draw() for _ in range(self.samples_per_iteration)]
         alpha = self.syn_lr.detach()
+        soft = self.label_logits is not None
+        y = self.targets.requires_grad_(True) if soft else self.labels  # y = softmax(z): ∂L/∂y wanted
         grad_x = torch.zeros_like(self.images)
+        grad_y = torch.zeros_like(y) if soft else None
         grad_a = torch.zeros_like(alpha)
         loss = torch.zeros_like(alpha)
         still = torch.zeros_like(alpha)  # how many samples had an expert that did not move (den = 0)
+        steps = torch.zeros_like(alpha)  # Σ n* over the samples (N each without auto_steps)
         student_losses = None
         for expert, start, plan in draws[self.rank::self.world_size]:
             theta_start = self.experts.flat(expert, start, device=self.device)  # θ*_t
             theta_target = self.experts.flat(expert, start + c.expert_epochs, device=self.device)  # θ*_{t+M}
             den = (theta_start - theta_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖²
             still += (den == 0).to(still.dtype)
-            mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target,
-                               self.images, self.labels, alpha, plan, self.dsa_strategy, kernels=self.kernels)
+            mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target, self.images, y, alpha,
+                               plan, self.dsa_strategy, kernels=self.kernels, auto_steps=c.auto_steps,
+                               precision=c.precision,
+                               loss_scale=None if self.loss_scaler is None else self.loss_scaler.scale)
             grad_x += mg.images
+            if soft:
+                grad_y += mg.labels
             grad_a += mg.syn_lr.reshape(())
             loss += mg.loss.to(loss.dtype)
+            steps += mg.steps.to(steps.dtype)
             if student_losses is None:
                 student_losses = mg.student_losses
-        if self.world_size > 1:  # Σ over ranks, one collective: [∂L/∂x, ∂L/∂α, L, still]
-            packed = torch.cat([grad_x.flatten(), torch.stack([grad_a, loss, still]).to(grad_x.dtype)])
+        if self.world_size > 1:  # Σ over ranks, one collective: [∂L/∂x, (∂L/∂y), ∂L/∂α, L, still, n*]
+            grads = [grad_x.flatten()] + ([grad_y.flatten()] if soft else [])
+            packed = torch.cat(grads + [torch.stack([grad_a, loss, still, steps]).to(grad_x.dtype)])
             torch.distributed.all_reduce(packed)
-            grad_x = packed[:grad_x.numel()].view_as(grad_x)
-            grad_a, loss, still = (v.to(alpha.dtype) for v in packed[grad_x.numel():])
+            grad_x, *rest = packed.split([g.numel() for g in grads] + [4])
+            grad_x = grad_x.view_as(self.images)
+            if soft:
+                grad_y = rest.pop(0).view_as(y)
+            grad_a, loss, still, steps = (v.to(alpha.dtype) for v in rest[0])
         S = self.samples_per_iteration
         if S > 1:  # the mean over the S samples
-            grad_x, grad_a, loss = grad_x / S, grad_a / S, loss / S
+            grad_x, grad_a, loss, steps = grad_x / S, grad_a / S, loss / S, steps / S
+            grad_y = grad_y / S if soft else None
 
         # ∂L/∂a for α = a (linear) or α = exp(a) (log): chain rule by hand.
         grad_raw = grad_a * (alpha if c.alpha_param == "log" else 1.0)
@@ -383,28 +581,48 @@ class Distiller:
         self.opt_img.step()
         self.opt_lr.step()
         self.images.grad = self.alpha_raw.grad = None
+        if soft:  # the labels' own step, on ∂L/∂z (softmax chain rule)
+            self.label_logits.grad = softmax_backward(y.detach(), grad_y)
+            self.opt_y.step()
+            self.label_logits.grad = None
+        if self.images_ema is not None:  # x̄ ← d·x̄ + (1 − d)·x
+            self.images_ema.mul_(c.ema_decay).add_(self.images.detach(), alpha=1 - c.ema_decay)
         # The one host sync of the iteration: every scalar the guards, the history and the callbacks need.
         # (``alpha`` is a view of alpha_raw, updated in place by the step: α before it comes from the backup.)
         old_alpha_t = backup["alpha_raw"].exp() if c.alpha_param == "log" else backup["alpha_raw"]
         new_alpha_t = self.syn_lr.detach()
+        grads_finite = torch.isfinite(grad_x).all()
+        if soft:
+            grads_finite = grads_finite & torch.isfinite(grad_y).all()
+        labels_finite = torch.isfinite(self.label_logits).all().to(alpha.dtype) if soft else torch.ones_like(alpha)
         scalars = torch.stack([loss, grad_a, grad_x.norm().to(alpha.dtype), old_alpha_t, new_alpha_t, still,
-                               torch.isfinite(grad_x).all().to(alpha.dtype),
+                               grads_finite.to(alpha.dtype),
                                torch.isfinite(self.images).all().to(alpha.dtype),
                                backup["images"].norm().to(alpha.dtype),  # ‖x‖ before the update
-                               self.images.detach().norm().to(alpha.dtype)]).double()  # ‖x‖ after it
+                               self.images.detach().norm().to(alpha.dtype),  # ‖x‖ after it
+                               steps, labels_finite]).double()
         vals = torch.cat([scalars, student_losses.double()]).tolist()
-        L, dL_da, gnorm, alpha_v, new_alpha, n_still, grad_ok, img_ok, x_norm, new_x_norm = vals[:NUM_SCALARS]
+        (L, dL_da, gnorm, alpha_v, new_alpha, n_still, grad_ok, img_ok, x_norm, new_x_norm, n_steps,
+         labels_ok) = vals[:NUM_SCALARS]
         student = vals[NUM_SCALARS:]
         if n_still > 0:
             self._restore(backup)
             raise ValueError("the expert did not move between the start and target epochs "
                              "(‖θ*_t − θ*_{t+M}‖ = 0): check the buffer (are its epochs distinct snapshots?)")
+        overflow = not (math.isfinite(L) and math.isfinite(dL_da) and grad_ok)
+        if self.loss_scaler is not None:  # fp16: an overflow means S was too large, not that the run diverged
+            if overflow:
+                if self.loss_scaler.found_inf():  # S ← S/2: redo this iteration (same draws)
+                    self._restore(backup)
+                    return None
+            else:
+                self.loss_scaler.found_finite()
         a0 = c.lr_teacher
         if not (math.isfinite(L) and L <= LOSS_MAX and math.isfinite(dL_da) and grad_ok
                 and a0 / ALPHA_RANGE <= alpha_v <= a0 * ALPHA_RANGE):  # (α: only a loaded checkpoint's can be out)
             self._restore(backup)
-            raise self._state_diverged(L, alpha_v)
-        problems = self._update_problems(alpha_v, new_alpha, img_ok, x_norm, new_x_norm)
+            raise self._state_diverged(L, alpha_v, fp16_overflow=overflow and self.loss_scaler is not None)
+        problems = self._update_problems(alpha_v, new_alpha, img_ok, x_norm, new_x_norm, labels_ok)
         if problems:
             self._restore(backup)
             raise self._update_refused(problems)
@@ -418,8 +636,10 @@ class Distiller:
         self.history.loss.append(L)
         self.history.syn_lr.append(new_alpha)
         self.history.seconds.append(secs)
+        self.history.student_steps.append(n_steps)
         expert, start, _ = draws[self.rank]
-        return IterationInfo(self.iteration, L, new_alpha, gnorm, dL_da, expert, start, student, secs, self.images)
+        return IterationInfo(self.iteration, L, new_alpha, gnorm, dL_da, expert, start, student, secs, self.images,
+                             student_steps=n_steps)
 
     # -- the divergence guard ------------------------------------------------------------------
     def _alpha_change(self, alpha: float, new_alpha: float) -> float:
@@ -428,7 +648,7 @@ class Distiller:
             return abs(math.log(new_alpha / alpha)) if new_alpha > 0 and math.isfinite(new_alpha) else math.inf
         return abs(new_alpha - alpha) / alpha
 
-    def _update_problems(self, alpha, new_alpha, img_ok, x_norm, new_x_norm) -> list[tuple[str, float, str]]:
+    def _update_problems(self, alpha, new_alpha, img_ok, x_norm, new_x_norm, labels_ok=1.0) -> list[tuple[str, float, str]]:
         """What is wrong with the update just made, as (knob, relative change it caused, description)."""
         c, out = self.config, []
         a0 = c.lr_teacher
@@ -456,6 +676,8 @@ class Distiller:
             elif rms > PIXEL_RMS_MAX:
                 out.append(("lr_img", abs(ratio - 1), f"the root-mean-square pixel reached {rms:.4g} (the data's is ~1; "
                                                       f"the guard allows {PIXEL_RMS_MAX:g})"))
+        if not labels_ok:  # soft labels: the logits z must stay finite
+            out.append(("lr_y", math.inf, "a label logit became non-finite"))
         return out
 
     def _update_refused(self, problems) -> DistillationDiverged:
@@ -474,18 +696,21 @@ class Distiller:
             f"The state is the last good one (iteration {self.iteration}).",
             knob, value, suggested, self.iteration)
 
-    def _state_diverged(self, L, alpha) -> DistillationDiverged:
+    def _state_diverged(self, L, alpha, fp16_overflow: bool = False) -> DistillationDiverged:
         """The state this iteration started from is not sane (L beyond LOSS_MAX, or L or ∂L non-finite)."""
         c, it = self.config, self.iteration + 1
         what = (f"iteration {it}: the student diverges from the current state: L = {L:.4g} with α = {alpha:.4g} "
                 f"(the guard wants a finite L ≤ {LOSS_MAX:g}, finite gradients and α within "
                 f"[α0/{ALPHA_RANGE:g}, α0·{ALPHA_RANGE:g}]; L starts near 1).")
+        if fp16_overflow:
+            what += (" (precision fp16: still non-finite at loss scale 1; if the same run is stable in fp32 or bf16, "
+                     "the student overflows fp16: use --precision bf16 or fp32.)")
         if self._previous is not None:  # the update that made this state was ours: undo it
             backup, iteration, n_hist, alpha_change, pixel_change = self._previous
             self._restore(backup)
             self._previous = None  # one step back only: that state's own L was checked
             self.iteration = iteration
-            for v in (self.history.loss, self.history.syn_lr, self.history.seconds):
+            for v in vars(self.history).values():
                 del v[n_hist:]
             knob, change = ("lr_lr", alpha_change) if alpha_change >= pixel_change else ("lr_img", pixel_change)
             value = getattr(c, knob)
@@ -514,10 +739,21 @@ class Distiller:
         self._load_tensors(snap)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _optimizers(self):
+        """(name, optimiser, its one tensor): the state an SGD step keeps (momentum buffers)."""
+        out = [("images", self.opt_img, self.images), ("alpha", self.opt_lr, self.alpha_raw)]
+        if self.opt_y is not None:
+            out.append(("labels", self.opt_y, self.label_logits))
+        return out
+
     def _tensors(self) -> dict[str, Tensor]:
         t = {"images": self.images.detach(), "labels": self.labels, "alpha_raw": self.alpha_raw.detach(),
              "rng_state": generator_state(self.generator)}
-        for name, opt, p in (("images", self.opt_img, self.images), ("alpha", self.opt_lr, self.alpha_raw)):
+        if self.label_logits is not None:
+            t["label_logits"] = self.label_logits.detach()
+        if self.images_ema is not None:
+            t["images_ema"] = self.images_ema
+        for name, opt, p in self._optimizers():
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 t[f"momentum.{name}"] = buf
@@ -527,9 +763,13 @@ class Distiller:
         with torch.no_grad():
             self.images.copy_(t["images"])
             self.alpha_raw.copy_(t["alpha_raw"])
+            if self.label_logits is not None:
+                self.label_logits.copy_(t["label_logits"])
+            if self.images_ema is not None:
+                self.images_ema.copy_(t["images_ema"])
         self.labels = t["labels"].to(self.device)
         self.generator.set_state(t["rng_state"].cpu())
-        for name, opt, p in (("images", self.opt_img, self.images), ("alpha", self.opt_lr, self.alpha_raw)):
+        for name, opt, p in self._optimizers():
             key = f"momentum.{name}"
             opt.state.pop(p, None)
             if key in t:
@@ -537,6 +777,8 @@ class Distiller:
 
     def save_checkpoint(self, path) -> Path:
         meta = {"iteration": self.iteration, "config": self.config.to_dict(), "history": asdict(self.history)}
+        if self.loss_scaler is not None:
+            meta["loss_scaler"] = self.loss_scaler.state_dict()
         return save_tensors(path, self._tensors(), f"{CHECKPOINT_FORMAT}/1", meta)
 
     def load_checkpoint(self, path) -> None:
@@ -544,7 +786,7 @@ class Distiller:
                                      hint="start over with --restart (resume=False), which replaces it")
         saved = DistillConfig.from_dict(meta["config"])
         # The knobs a divergence message asks you to turn may change on resume; nothing else may.
-        ignore = {"iterations", "checkpoint_every", "lr_img", "lr_lr", "max_start_epoch"}
+        ignore = {"iterations", "checkpoint_every", "lr_img", "lr_lr", "max_start_epoch", "lr_y"}
         diff = [f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs now {getattr(self.config, f.name)!r}"
                 for f in fields(DistillConfig) if f.name not in ignore and getattr(saved, f.name) != getattr(self.config, f.name)]
         if diff:
@@ -556,6 +798,8 @@ class Distiller:
         self._load_tensors(tensors)
         self.iteration = int(meta["iteration"])
         self.history = History(**meta["history"])
+        if self.loss_scaler is not None and "loss_scaler" in meta:
+            self.loss_scaler.load_state_dict(meta["loss_scaler"])
         self._previous = None  # the update that made this state was not ours: no roll-back past it
 
 

@@ -21,6 +21,13 @@ of each network, and says so. To choose a distillation checkpoint without touchi
 set, set ``val_fraction > 0``: a fixed, class-balanced slice of the *training* set is then
 scored as well (``EvalResult.val_accs``).
 
+Precision. ``train_on_set`` / ``evaluate_set`` take ``precision="bf16"`` (CPUs with AVX512-BF16/AMX,
+GPUs): each training step's forward runs under autocast, a plain training speed-up
+(``mttlite.precision``); the loss, the SGD update and the test predictions stay float32. It is a
+keyword of the call, not a protocol field (``EvalProtocol.to_dict()`` is what resumable benchmarks
+compare); a result trained in bf16 says so in ``set_info["precision"]``. No "fp16" (it would need
+loss scaling): it exists for the distillation only.
+
 Networks with batch norm (ResNet-18, VGG-11 with ``norm="batchnorm"``) are trained in train
 mode and tested in eval mode (running statistics). Every random choice (initialisation, batch
 order, augmentation) comes from one ``torch.Generator`` per network, so a protocol seed gives
@@ -42,6 +49,7 @@ from tqdm.auto import tqdm
 from .augment import default_strategy, dsa, parse_strategy
 from .io import atomic_write
 from .networks import ARCHS, get_network
+from .precision import autocast, check_precision
 from .ranks import process_group
 from .student import cross_entropy
 
@@ -245,7 +253,7 @@ def hard_labels(labels: Tensor) -> Tensor:
     return labels.argmax(1) if labels.is_floating_point() else labels
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor) -> Tensor:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor, precision: str = "fp32") -> Tensor:
     """One training step of the evaluation network on one (already augmented) batch.
 
         ℓ = CE(f(x_B; θ), y_B)                 (soft labels: −mean_b Σ_k p_bk log softmax(f(x_b))_k)
@@ -253,8 +261,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: Tensor, yb: Ten
 
     xb: (B, C, H, W), yb: (B,) int64 or (B, K) soft, on the model's device. Returns ℓ, a detached
     0-d tensor on that device: nothing is read back to the host, so a loop of steps never waits
-    for the device."""
-    loss = cross_entropy(model(xb), yb)
+    for the device. ``precision`` "bf16": the forward under autocast (the loss in float32)."""
+    with autocast(precision, xb.device):
+        logits = model(xb)
+    loss = cross_entropy(logits, yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()  # v ← μ v + (g + λ θ);  θ ← θ − η_e v
@@ -271,6 +281,7 @@ def train_epochs(
     gen: torch.Generator,
     strategy: str,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[list[float], Tensor]:
     """The protocol's ``protocol.epochs`` epochs of :func:`train_step` on (x, y), on x's device.
 
@@ -295,7 +306,7 @@ def train_epochs(
             xb = x[idx]  # (B, C, H, W)
             if strategy:
                 xb = dsa(xb, strategy, seed=_draw_int(gen))  # A_ω(x_B), a fresh ω per batch
-            total += train_step(model, opt, xb, y[idx]) * idx.numel()
+            total += train_step(model, opt, xb, y[idx], precision) * idx.numel()
         lr_per_epoch.append(lr_e)
         totals.append(total)
         if progress and ((epoch + 1) % report_every == 0 or epoch + 1 == protocol.epochs):
@@ -312,6 +323,7 @@ def train_on_set(
     seed: int,
     device=None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[nn.Module, dict]:
     """Train one fresh network on (images, labels) only, as the protocol says.
 
@@ -320,7 +332,7 @@ def train_on_set(
     Randomness (init, then per epoch a permutation of the n images and one DSA seed per batch)
     comes from ``torch.Generator().manual_seed(seed)``; the draws are made on the CPU and moved
     to ``device``. The epochs are :func:`train_epochs`; their losses stay on the device and are
-    read once, after the last epoch.
+    read once, after the last epoch. ``precision``: "fp32" (default) or "bf16" (module docstring).
 
     Returns the trained network (eval mode) and ``info``: lr_per_epoch, loss_per_epoch (mean
     training loss on the augmented batches), train_acc (un-augmented set), dsa_strategy, seed, seconds.
@@ -330,6 +342,7 @@ def train_on_set(
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     device = torch.device(device) if device is not None else images.device
+    _check_precision(precision, device)
     x, y = images.detach().to(device), labels.detach().to(device)
     n = x.shape[0]
     strategy = resolve_strategy(protocol, dataset.name)
@@ -337,7 +350,7 @@ def train_on_set(
 
     model = fresh_network(protocol, dataset, gen).to(device, non_blocking=True)  # fresh CPU tensors: no wait
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
-    lr_per_epoch, totals = train_epochs(model, opt, x, y, protocol, lr, gen, strategy, progress)
+    lr_per_epoch, totals = train_epochs(model, opt, x, y, protocol, lr, gen, strategy, progress, precision)
     loss_per_epoch = [t / n for t in totals.tolist()]  # the run's one read of the losses
 
     model.eval()
@@ -350,6 +363,13 @@ def train_on_set(
         "seconds": time.perf_counter() - t0,
     }
     return model, info
+
+
+def _check_precision(precision: str, device) -> None:
+    check_precision(precision, device)
+    if precision == "fp16":
+        raise ValueError("precision 'fp16' is for the distillation's meta-gradient only (it needs loss scaling); "
+                         "evaluation takes 'bf16' (no scaling needed: CPUs with AVX512-BF16/AMX, GPUs) or 'fp32'")
 
 
 def _predictions(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
@@ -418,16 +438,19 @@ def evaluate_set(
     lr: float | None = None,
     device=None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> EvalResult:
     """Train ``protocol.num_nets`` fresh networks on (images, labels) and score them on the real test set.
 
     images: (n, C, H, W) in the dataset's (normalised, possibly ZCA) space; labels: (n,) or (n, K).
     protocol: None -> ``EvalProtocol()``, the papers' protocol.
     lr: the set's learned α (None for a set without one); ``protocol.lr`` overrides it.
+    precision: "fp32" (default) or "bf16", the networks' training arithmetic (module docstring).
     """
     t0 = time.perf_counter()
     protocol = EvalProtocol() if protocol is None else protocol
     _check_set(images, labels, dataset)
+    _check_precision(precision, device if device is not None else images.device)
     eta = resolve_lr(protocol, lr)
     if protocol.val_fraction > 0:
         val_idx = validation_indices(dataset, protocol.val_fraction).to(dataset.train_images.device)
@@ -446,7 +469,7 @@ def evaluate_set(
     rows = {}
     nets = tqdm(mine, desc=f"evaluating {protocol.arch}", disable=not progress or rank != 0)
     for i in nets:
-        model, info = train_on_set(images, labels, dataset, protocol, eta, seeds[i], device=device)
+        model, info = train_on_set(images, labels, dataset, protocol, eta, seeds[i], device=device, precision=precision)
         acc = test_accuracy(model, dataset.test_images, dataset.test_labels)
         rows[i] = (acc, info["train_acc"], test_accuracy(model, *val) if val is not None else None)
         if progress:
@@ -459,6 +482,14 @@ def evaluate_set(
     train_accs = [rows[i][1] for i in range(len(seeds))]
     val_accs = [rows[i][2] for i in range(len(seeds))]
 
+    set_info = {
+        "n": int(images.shape[0]),
+        "labels": "soft" if labels.is_floating_point() else "hard",
+        "dataset": dataset.name,
+        "dsa_strategy": resolve_strategy(protocol, dataset.name),
+    }
+    if precision != "fp32":  # only then: fp32 results keep the keys they always had
+        set_info["precision"] = precision
     return EvalResult(
         accs=accs,
         mean=float(np.mean(accs)),
@@ -468,12 +499,7 @@ def evaluate_set(
         protocol=protocol.to_dict(),
         lr=eta,
         seconds=time.perf_counter() - t0,
-        set_info={
-            "n": int(images.shape[0]),
-            "labels": "soft" if labels.is_floating_point() else "hard",
-            "dataset": dataset.name,
-            "dsa_strategy": resolve_strategy(protocol, dataset.name),
-        },
+        set_info=set_info,
     )
 
 

@@ -39,6 +39,13 @@ then ``_Group.train_step``) reads nothing back to the host; the epoch's loss and
 on the device (``_Group.epoch_sums``) and are read once per epoch. tests/test_device_stages.py runs
 both paths on torch's ``meta`` device to check it.
 
+**Precision.** ``precision="bf16"`` (CPUs with AVX512-BF16/AMX, GPUs) runs each expert's forward
+under autocast (its backward follows; ``mttlite.precision``): a plain training speed-up. θ, the
+momentum buffers, the SGD update and the loss stay float32; the snapshots are stored in ``dtype`` as
+always. A bf16 buffer is not an fp32 one: ``meta.json`` records ``"precision"`` (only when not fp32,
+so buffers written before the option still match), and a rerun must ask for the same.
+``"fp16"`` is not offered here (it would need loss scaling; it exists for the distillation only).
+
 **Resuming.** An expert's file is written (atomically) only once it is complete. Rerunning on the
 same directory skips complete experts after checking ``meta.json`` matches the request; a larger
 ``num_experts`` extends the buffer.
@@ -81,6 +88,7 @@ from .buffers import (
 from .errors import Diverged
 from .io import RunLock
 from .networks import get_network
+from .precision import autocast, check_precision, upcast
 
 Params = dict  # {param_name: Tensor}
 
@@ -158,10 +166,13 @@ def sgd_step(
     return new_params, new_buffers
 
 
-def loss_and_logits(net: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """ℓ = CE(f(x; θ), y) (mean over the batch) and the logits (B, num_classes)."""
-    logits = functional_call(net, dict(params), (x,))
-    return F.cross_entropy(logits, y), logits
+def loss_and_logits(net: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                    precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """ℓ = CE(f(x; θ), y) (mean over the batch, float32) and the logits (B, num_classes); with
+    ``precision`` "bf16" the network's forward runs under autocast (``mttlite.precision``)."""
+    with autocast(precision, x.device):
+        logits = functional_call(net, dict(params), (x,))
+    return F.cross_entropy(upcast(logits), y), logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +217,14 @@ class _Group:
         self.params = {n: stacked[n].detach().to(device) for n in names}
         self.net = copy.deepcopy(nets[0]).to("meta")  # a skeleton: only its forward is used
         # ∇_θ ℓ for K experts at once: vmap over (θ, x, y), each (K, ...).
-        self._grad = vmap(grad_and_value(lambda p, x, y: loss_and_logits(self.net, p, x, y), has_aux=True))
-        self._forward = vmap(lambda p, x: functional_call(self.net, p, (x,)), in_dims=(0, None))
+        precision = opts.get("precision", "fp32")
+        self._grad = vmap(grad_and_value(lambda p, x, y: loss_and_logits(self.net, p, x, y, precision), has_aux=True))
+        self._forward = vmap(lambda p, x: self._logits(p, x), in_dims=(0, None))
+
+    def _logits(self, params, x: Tensor) -> Tensor:
+        """f(x; θ) for one expert, under the run's autocast (``precision``)."""
+        with autocast(self.opts.get("precision", "fp32"), x.device):
+            return functional_call(self.net, params, (x,))
 
     # -- snapshots ------------------------------------------------------------------------------
 
@@ -253,7 +270,7 @@ class _Group:
             grads, (loss, logits) = self._grad(self.params, x, y)  # grads (K, ...), loss (K,)
         else:
             theta = {n: p.requires_grad_(True) for n, p in self.params.items()}
-            loss, logits = loss_and_logits(self.net, theta, x, y)
+            loss, logits = loss_and_logits(self.net, theta, x, y, o.get("precision", "fp32"))
             g = torch.autograd.grad(loss, list(theta.values()))
             grads = dict(zip(theta, g))
             loss, logits, y = loss[None], logits[None], y[None]  # as if K = 1
@@ -319,7 +336,7 @@ class _Group:
             if self.vmapped:
                 logits = self._forward(self.params, x)  # (K, b, classes)
             else:
-                logits = functional_call(self.net, self.params, (x,))[None]
+                logits = self._logits(self.params, x)[None]
             correct += (logits.argmax(-1) == y).sum(-1).double()
         correct = correct.tolist()  # one host synchronisation per evaluation
         for k, ex in enumerate(self.experts):
@@ -353,10 +370,15 @@ class ExpertDiverged(Diverged):
 
 
 def _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size,
-                lr_teacher=0.01, momentum=0.0, weight_decay=0.0) -> None:
+                lr_teacher=0.01, momentum=0.0, weight_decay=0.0, precision="fp32", device=None) -> None:
     """Every argument of ``train_experts`` that can be checked before any work, or a ValueError naming it."""
     def bad(msg):
         raise ValueError(msg)
+
+    check_precision(precision, device)
+    if precision == "fp16":
+        bad("precision 'fp16' is for the distillation's meta-gradient only (it needs loss scaling); expert training "
+            "takes 'bf16' (no scaling needed: CPUs with AVX512-BF16/AMX, GPUs) or 'fp32'")
 
     if not (isinstance(lr_teacher, (int, float)) and math.isfinite(lr_teacher) and 0 < lr_teacher <= LR_TEACHER_MAX):
         bad(f"lr_teacher must be a positive finite number at most {LR_TEACHER_MAX:g} (the experts' SGD learning "
@@ -408,6 +430,7 @@ def train_experts(
     rank: int | None = None,
     world_size: int | None = None,
     callback: Callable[[int, int, dict], None] | None = None,
+    precision: str = "fp32",
 ) -> ExpertBuffer:
     """Train experts 0..num_experts-1 on ``dataset`` into the buffer directory ``out_dir``.
 
@@ -422,12 +445,14 @@ def train_experts(
     rank, world_size: this process trains the experts i with i % world_size == rank
                   (default: the RANK / WORLD_SIZE environment variables, else 0 / 1)
     callback:     called as callback(expert_index, epoch, metrics_so_far) after every epoch
+    precision:    "fp32" (default) or "bf16": the networks' forward under autocast (module docstring);
+                  recorded in meta.json when not fp32
     Returns the ``ExpertBuffer`` opened on ``out_dir`` (all complete experts, any rank's).
     """
     rank = int(os.environ.get("RANK", "0")) if rank is None else int(rank)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
     _check_args(num_experts, train_epochs, keep_epochs, batch_real, parallel, dtype, rank, world_size,
-                lr_teacher, momentum, weight_decay)
+                lr_teacher, momentum, weight_decay, precision, _resolve_device(device, world_size))
     strategy = augment.default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
     augment.parse_strategy(strategy)  # fail early on a typo, with the valid ops listed
     if not bool(torch.isfinite(dataset.train_images).all()):  # else every expert would "diverge"
@@ -468,6 +493,8 @@ def train_experts(
         "mttlite_version": _version(),
         "torch_version": torch.__version__,
     }
+    if precision != "fp32":  # only then: buffers written before the option (fp32) keep matching
+        meta["precision"] = precision
     if getattr(dataset, "val_spec", None):  # the experts never saw this held-out validation split
         meta["val_holdout"] = dict(dataset.val_spec)
     # One writer per (buffer, rank): a second `mttlite experts` on the same --out stops here with a clear
@@ -475,12 +502,12 @@ def train_experts(
     with RunLock(out, "`mttlite experts` run", name=f".mttlite.lock.rank{rank}"):
         return _train(dataset, out, meta, num_experts, train_epochs, arch, width, depth, norm, batch_real, strategy,
                       seed, dtype, keep, store_dtype, parallel, device, progress, rank, world_size, callback,
-                      lr_teacher, momentum, weight_decay)
+                      lr_teacher, momentum, weight_decay, precision)
 
 
 def _train(dataset, out, meta, num_experts, train_epochs, arch, width, depth, norm, batch_real, strategy, seed, dtype,
            keep, store_dtype, parallel, device, progress, rank, world_size, callback, lr_teacher, momentum,
-           weight_decay) -> ExpertBuffer:
+           weight_decay, precision="fp32") -> ExpertBuffer:
     fresh = not (out / "meta.json").exists()
     write_or_check_meta(out, meta)
 
@@ -494,6 +521,7 @@ def _train(dataset, out, meta, num_experts, train_epochs, arch, width, depth, no
         "lr_teacher": lr_teacher,
         "momentum": momentum,
         "weight_decay": weight_decay,
+        "precision": precision,
     }
 
     from tqdm.auto import tqdm

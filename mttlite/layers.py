@@ -22,6 +22,11 @@ pixels). Forward and backward are torch's fused kernels; the backward is itself 
 ``autograd.Function`` whose backward (the second derivative) is derived by hand below, in a
 dozen passes over the feature map where autograd's generic formula takes about twice as many.
 
+Under autocast (``mttlite.precision``: bf16 / fp16 activations, float32 γ, β) the forward is torch's
+mixed-dtype kernel on a CPU, and float32 on a GPU (as autocast runs torch's ``group_norm`` there);
+the backward and the second derivative upcast to float32 and return each result in its input's
+dtype (float32 / float64 inputs take the same ops as before, unconverted).
+
 All functions carry ``generate_vmap_rule`` and ``setup_context``, so they work under
 ``torch.func`` (``grad``, ``vmap``: the experts trained in parallel) and ``torch.compile``.
 Tests compare them with torch's layers (float64 ``gradcheck`` / ``gradgradcheck``).
@@ -145,6 +150,13 @@ class _InstanceNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor):
         N, C = x.shape[:2]
+        if x.dtype in _LOW or g.dtype in _LOW:
+            # autocast: computed in float32, ∂x returned in x's dtype. (torch's mixed-dtype kernel, bf16 x with
+            # float32 γ and statistics, fails under vmap, whose batching rule multiplies g by γ first.)
+            ct = _compute_dtype(g, x, weight, mean)
+            dx, dw, db = torch.ops.aten.native_group_norm_backward(
+                g.to(ct), x.to(ct), mean.to(ct), rstd.to(ct), weight.to(ct), N, C, x[0, 0].numel(), C, [True, True, True])
+            return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype)
         return torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, weight, N, C, x[0, 0].numel(), C,
                                                          [True, True, True])
 
@@ -169,11 +181,16 @@ class _InstanceNormBackward(torch.autograd.Function):
         ∂r/∂x = −r² x̂ / D. Every mean is one reduction; G never needs to be formed.
         """
         g, x, weight, mean, rstd = ctx.saved_tensors
+        # Under autocast (bf16 / fp16) g and x arrive in the low dtype, γ, μ and r in float32: the
+        # second derivative is then computed in float32 (its per-(n, c) means are long reductions) and
+        # each result returned in its input's dtype. float32 / float64 inputs: no conversion at all.
+        dtypes, ct = (g.dtype, x.dtype, weight.dtype), _compute_dtype(g, x, weight, mean)
         shape, (N, C), D = x.shape, x.shape[:2], x[0, 0].numel()
-        x, g = x.reshape(N, C, D), g.reshape(N, C, D)
-        u = torch.zeros_like(x) if u is None else u.reshape(N, C, D)
-        v_w = torch.zeros_like(weight) if v_w is None else v_w
-        v_b = torch.zeros_like(weight) if v_b is None else v_b
+        x, g = x.reshape(N, C, D).to(ct), g.reshape(N, C, D).to(ct)
+        weight, mean, rstd = weight.to(ct), mean.to(ct), rstd.to(ct)
+        u = torch.zeros_like(x) if u is None else u.reshape(N, C, D).to(ct)
+        v_w = torch.zeros_like(weight) if v_w is None else v_w.to(ct)
+        v_b = torch.zeros_like(weight) if v_b is None else v_b.to(ct)
         r, w, v_w, v_b = rstd[..., None], weight[:, None], v_w[:, None], v_b[:, None]  # (N, C, 1), (C, 1)
         x_hat = (x - mean[..., None]) * r
 
@@ -193,11 +210,27 @@ class _InstanceNormBackward(torch.autograd.Function):
         s = D * (w * ug_ - w * g_ * u_ - ax_ * ux_)
         c_x = -r * Gx_ - s * r * r / D
         d_x = torch.addcmul(-r * G_, x_hat, c_x).addcmul_(u, r * c_u).addcmul_(g, r * c_g)
-        return d_g.view(shape), d_x.view(shape), d_w, None, None
+        return d_g.view(shape).to(dtypes[0]), d_x.view(shape).to(dtypes[1]), d_w.to(dtypes[2]), None, None
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the hand-written double backward computes in: float32 if any input is bf16 / fp16
+    (autocast), else the inputs' common dtype (float32 / float64: unchanged arithmetic)."""
+    dtype = torch.result_type(*tensors[:2]) if len(tensors) > 1 else tensors[0].dtype
+    for t in tensors[2:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float32 if dtype in _LOW else dtype
 
 
 def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.group_norm(x, C, weight, bias, eps)`` for x of shape (N, C, …)."""
+    if x.dtype in _LOW and weight.dtype != x.dtype and x.device.type not in ("cpu", "meta"):
+        # autocast off the CPU: torch's mixed-dtype group-norm kernels are CPU ones, and autocast itself
+        # runs ``group_norm`` in float32 on GPUs: so does this layer (the cast is differentiable)
+        x = x.float()
     return _InstanceNorm.apply(x, weight, bias, eps)[0]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,10 +47,11 @@ def make_distiller(config: DistillConfig, buffer: ExpertBuffer | str | Path, dat
 
 
 def to_synset(d: Distiller, buffer: ExpertBuffer) -> SyntheticSet:
-    """The distiller's current state as a self-describing artefact."""
+    """The distiller's current state as a self-describing artefact: its images (their EMA with
+    ``ema_decay``), its labels (soft, (n, K) = softmax of the learned logits, with ``soft_labels``) and α."""
     ds = d.dataset
     return SyntheticSet(
-        images=d.images.detach().cpu().clone(), labels=d.labels.cpu().clone(), syn_lr=float(d.syn_lr.item()),
+        images=d.synset_images.cpu().clone(), labels=d.targets.cpu().clone(), syn_lr=float(d.syn_lr.item()),
         dataset=ds.name, class_names=list(ds.class_names), mean=tuple(ds.mean), std=tuple(ds.std),
         zca=ds.zca, arch=buffer.meta["arch"], arch_kwargs=dict(buffer.meta.get("arch_kwargs", {})), method="mtt",
         config=d.config.to_dict(),

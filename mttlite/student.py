@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from .augment import DSAParams, dsa
 from .params import ParamSpec
+from .precision import autocast, check_loss_scale, check_precision, upcast
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,11 @@ def make_plan(n_syn: int, syn_steps: int, batch_syn: int | None, generator: torc
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """ℓ = mean cross-entropy; ``labels`` are class indices (B,) or soft targets (B, K)."""
+    """ℓ = mean cross-entropy; ``labels`` are class indices (B,) or soft targets (B, K).
+
+    Logits that autocast made bf16 / fp16 are turned to float32 first: the loss is never computed in
+    low precision (on a CPU autocast would leave ``log_softmax`` in bf16, ``mttlite.precision``)."""
+    logits = upcast(logits)
     if labels.is_floating_point():
         return -(labels * F.log_softmax(logits, dim=1)).sum(1).mean()
     return F.cross_entropy(logits, labels)
@@ -92,14 +97,27 @@ def student_loss(
     dsa_strategy: str | None,
     aug_seed: int,
     dsa_params: DSAParams = DSAParams(),
+    precision: str = "fp32",
 ) -> Tensor:
     """ℓ(A(x); θ): the student's training loss on one (augmented) synthetic batch.
 
     theta: (P,) flat parameters; x: (B, C, H, W); y: (B,) or (B, K).
+    ``precision``: "bf16" / "fp16" run the network's forward under autocast (its backward follows);
+    the augmentation and the loss stay float32 (``mttlite.precision``).
     """
     x = dsa(x, dsa_strategy, seed=aug_seed, params=dsa_params)
-    logits = functional_call(model, spec.unflatten(theta), (x,))
+    with autocast(precision, x.device):
+        logits = functional_call(model, spec.unflatten(theta), (x,))
     return cross_entropy(logits, y)
+
+
+def scaled_grad(loss: Tensor, theta: Tensor, loss_scale: float = 1.0, create_graph: bool = False) -> Tensor:
+    """∇_θ ℓ through a loss-scaled backward, ∇_θ(S ℓ) / S (the division in float32; exact for S a power
+    of two). S = 1: plain ``autograd.grad``, the same ops as without scaling."""
+    if loss_scale == 1.0:
+        return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+    (g,) = torch.autograd.grad(loss * loss_scale, theta, create_graph=create_graph)
+    return g / loss_scale
 
 
 def check_stateless(model: nn.Module) -> None:
@@ -112,10 +130,17 @@ def check_stateless(model: nn.Module) -> None:
         )
 
 
+def _check_kernels(kernels, precision: str) -> None:
+    """Compiled step functions carry their precision (it is traced into them): it must be this one."""
+    if kernels is not None and getattr(kernels, "precision", "fp32") != precision:
+        raise ValueError(f"the step kernels were built for precision {kernels.precision!r}, not {precision!r}: "
+                         f"build them with StepKernels(..., precision={precision!r})")
+
+
 @dataclass
 class UnrollResult:
     theta: Tensor  # θ̂_N, (P,)
-    path: list[Tensor] | None  # [θ̂_0, ..., θ̂_N] (detached) when requested
+    path: list[Tensor] | None  # [θ̂_0, ..., θ̂_N] when requested (detached unless ``path_graph``)
     losses: Tensor  # (N,) student training loss ℓ at each step, detached, on the device (read it once)
 
 
@@ -132,6 +157,9 @@ def unroll(
     create_graph: bool = True,
     return_path: bool = False,
     kernels=None,
+    path_graph: bool = False,
+    precision: str = "fp32",
+    loss_scale: float | None = None,
 ) -> UnrollResult:
     """Take N = ``plan.syn_steps`` SGD steps from θ̂_0 = ``theta0`` on the synthetic set.
 
@@ -142,24 +170,32 @@ def unroll(
     ``images``, ``labels`` (if they require grad) and ``syn_lr``.
     ``kernels`` (a :class:`mttlite.kernels.StepKernels`) computes each ∇_θ ℓ with compiled
     kernels instead of eager autograd: the same steps, fused.
+    ``return_path``: also return [θ̂_0, …, θ̂_N], detached, or with ``path_graph`` each θ̂_n still
+    in the graph (what the automatic-N meta-gradient differentiates through, ``meta_gradient.py``).
+    ``precision``: "fp32" (default), "bf16" or "fp16": the network runs under autocast, θ̂_n and every
+    update stay float32 (``mttlite.precision``); ``kernels`` must have been built with the same one.
+    ``loss_scale``: S for fp16, each ∇_θ ℓ computed as ∇_θ(S ℓ) / S (None: 1, no scaling).
     """
     check_stateless(model)
+    check_precision(precision, images.device)
+    scale = check_loss_scale(loss_scale)
+    _check_kernels(kernels, precision)
     plan = plan.to(images.device)
     theta = theta0.detach().requires_grad_(True)
     path = [theta.detach()] if return_path else None
     losses = []  # kept as device tensors: no host sync inside the loop
     for idx, seed in zip(plan.batches, plan.aug_seeds):
         if kernels is None:
-            loss = student_loss(model, spec, theta, images[idx], labels[idx], dsa_strategy, seed, dsa_params)
-            (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+            loss = student_loss(model, spec, theta, images[idx], labels[idx], dsa_strategy, seed, dsa_params, precision)
+            grad = scaled_grad(loss, theta, scale, create_graph)
         else:
             with torch.set_grad_enabled(create_graph):
                 x_aug = dsa(images[idx], dsa_strategy, seed=seed, params=dsa_params)
-                grad, loss = kernels.grad(theta, x_aug, labels[idx])
+                grad, loss = kernels.grad(theta, x_aug, labels[idx], scale)
         theta = theta - syn_lr * grad  # θ̂_{n+1} = θ̂_n − α g_n
         if not create_graph:
             theta = theta.detach().requires_grad_(True)
         losses.append(loss.detach())
         if path is not None:
-            path.append(theta.detach())
+            path.append(theta if path_graph else theta.detach())
     return UnrollResult(theta, path, torch.stack(losses))

@@ -236,7 +236,7 @@ display(live(
     experts=widgets.SelectMultiple(options=list(range(len(buffer))), value=tuple(range(len(buffer))),
                                    description="experts", rows=min(5, len(buffer))),
     dims=widgets.ToggleButtons(options=[2, 3], value=2, description="dims"),
-    last_epoch=widgets.IntSlider(value=E, min=1, max=E, description="up to epoch", continuous_update=False),
+    last_epoch=widgets.IntSlider(value=E, min=1, max=E, description="up to epoch", style={"description_width": "initial"}, continuous_update=False),
     basis=widgets.Dropdown(options=list(coords), value="all experts", description="PCA basis"),
 ))
 

@@ -273,11 +273,11 @@ paths = draw()
 # %%
 display(live(
     draw,
-    N=widgets.IntSlider(value=syn_steps, min=1, max=max(60, syn_steps), description="N (syn_steps)",
+    N=widgets.IntSlider(value=syn_steps, min=1, max=max(60, syn_steps), description="N (syn_steps)", style={"description_width": "initial"},
                         continuous_update=False),
-    alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α (syn_lr)",
+    alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α (syn_lr)", style={"description_width": "initial"},
                                  continuous_update=False),
-    t=widgets.IntSlider(value=start_epoch, min=0, max=E - expert_epochs, description="t (start epoch)",
+    t=widgets.IntSlider(value=start_epoch, min=0, max=E - expert_epochs, description="t (start epoch)", style={"description_width": "initial"},
                         continuous_update=False),
 ))
 

@@ -268,8 +268,8 @@ def draw_live(M, N, alpha, t):
 
 display(live(
     draw_live,
-    M=widgets.IntSlider(value=expert_epochs, min=1, max=E, description="M (expert_epochs)", continuous_update=False),
-    N=widgets.IntSlider(value=syn_steps, min=1, max=max(80, syn_steps), description="N (syn_steps)",
+    M=widgets.IntSlider(value=expert_epochs, min=1, max=E, description="M (expert_epochs)", style={"description_width": "initial"}, continuous_update=False),
+    N=widgets.IntSlider(value=syn_steps, min=1, max=max(80, syn_steps), description="N (syn_steps)", style={"description_width": "initial"},
                         continuous_update=False),
     alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α", continuous_update=False),
     t=widgets.IntSlider(value=start_epoch, min=0, max=E - 1, description="t", continuous_update=False),

@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -60,6 +66,7 @@ from pathlib import Path
 
 import plotly.express as px
 import plotly.graph_objects as go
+import ipywidgets as widgets
 import torch
 from IPython.display import display
 from plotly.subplots import make_subplots
@@ -135,8 +142,10 @@ print(f"  {info.seconds:.2f} s")
 #
 # `run(distiller, callbacks=[f])` calls `f(info)` after every iteration. Our callback keeps the
 # numbers, keeps a copy of the images every `snapshot_every` iterations, and every `plot_every`
-# iterations redraws one figure in place (`display(..., display_id=True)` then `handle.update(...)`:
-# works in JupyterLab, Colab and headless).
+# iterations redraws ONE figure in place: the figure lives in an `ipywidgets.Output`, which is cleared
+# and redrawn (`clear_output(wait=True)`, so it does not flicker). This works in JupyterLab, Colab and
+# headless. (`display(fig, display_id=True)` + `handle.update(fig)` does not: plotly publishes its
+# figure itself, without the display id, so every update would append a new figure.)
 
 # %%
 hist = {"iteration": [], "loss": [], "syn_lr": [], "grad_syn_lr": [], "grad_norm_images": [], "t": []}
@@ -155,7 +164,17 @@ def figure_now():
     return fig
 
 
-handle = display(figure_now(), display_id=True)
+live = widgets.Output()
+display(live)
+
+
+def redraw():
+    with live:
+        live.clear_output(wait=True)
+        figure_now().show()
+
+
+redraw()
 
 
 def on_iteration(info):
@@ -168,7 +187,7 @@ def on_iteration(info):
     if info.iteration % snapshot_every == 0 or info.iteration == iterations:
         snapshots[info.iteration] = info.images.detach().cpu().clone()  # info.images is live: clone it
     if info.iteration % plot_every == 0 or info.iteration == iterations:
-        handle.update(figure_now())
+        redraw()
 
 
 run(distiller, callbacks=[on_iteration], progress=False)

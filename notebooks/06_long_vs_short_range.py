@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -200,9 +206,10 @@ def show_cell(cell):
     fig.show()
 
 
-show_cell((grid_syn_steps[-1], grid_expert_epochs[0]))
+first_cell = (grid_syn_steps[-1], grid_expert_epochs[0])  # the longest N at the shortest M
 out = widgets.Output()
-chooser = widgets.Dropdown(options=[(f"N = {n}, M = {m}", (n, m)) for n, m in cells], description="cell")
+chooser = widgets.Dropdown(options=[(f"N = {n}, M = {m}", (n, m)) for n, m in cells], value=first_cell,
+                           description="cell")
 
 
 def _redraw(change):
@@ -212,6 +219,7 @@ def _redraw(change):
 
 
 chooser.observe(_redraw, names="value")
+_redraw({"new": chooser.value})  # the figures shown are always the chooser's cell
 display(widgets.VBox([chooser, out]))
 
 # %%
@@ -221,6 +229,8 @@ results = {
     "random_acc": baseline.mean,
     "one_step_formula_vs_library": abs(L_formula.item() - L_library.item()),
     "cos_g_delta": cos,
+    "chooser_value": list(chooser.value),
+    "first_cell": list(first_cell),
 }
 print(json.dumps(results, indent=1))
 if results_path:

@@ -27,24 +27,36 @@ class Data:
     train_labels = torch.arange(3).repeat(4)
 
 
-def _setup(samples):
+#: The trajectory-matching family's switches: soft labels add ∂L/∂y to the all-reduce, auto_steps n*.
+FAMILY = dict(soft_labels=True, auto_steps=True, ema_decay=0.5)
+
+
+def _setup(samples, family=False):
     net = tiny_convnet(num_classes=3, dtype=torch.float32)
     traj = sgd_trajectories(net, Data.train_images, Data.train_labels, num_experts=3, epochs=4)
     cfg = DistillConfig(ipc=2, syn_steps=4, expert_epochs=2, max_start_epoch=2, iterations=3, dsa_strategy="",
-                        lr_img=10.0, lr_lr=1e-3, samples_per_iteration=samples, checkpoint_every=1)
+                        lr_img=10.0, lr_lr=1e-3, samples_per_iteration=samples, checkpoint_every=1,
+                        **(FAMILY if family else {}))
     return Distiller(cfg, Data, net, traj)
 
 
-def _worker(rank: int, world: int, port: int, out: str, run_dir: str) -> None:
+def _state(d) -> dict:
+    out = {"images": d.images.detach(), "alpha": d.syn_lr.detach(), "loss": torch.tensor(d.history.loss),
+           "steps": torch.tensor(d.history.student_steps)}
+    if d.label_logits is not None:
+        out.update(labels=d.label_logits.detach(), ema=d.images_ema)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out: str, run_dir: str, family: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        d = _setup(None)  # None = one sample per rank
+        d = _setup(None, family)  # None = one sample per rank
         assert (d.rank, d.world_size, d.samples_per_iteration) == (rank, world, world)
         run(d, run_dir, progress=False)
-        torch.save({"images": d.images.detach(), "alpha": d.syn_lr.detach(), "loss": torch.tensor(d.history.loss)},
-                   f"{out}/rank{rank}.pt")
+        torch.save(_state(d), f"{out}/rank{rank}.pt")
     finally:
         dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort otherwise, seen once in CI)
         dist.destroy_process_group()
@@ -57,21 +69,28 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_two_gloo_ranks_equal_one_process_averaging_two_samples(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path / "run")), nprocs=2, join=True)
+@pytest.mark.parametrize("family", [False, True], ids=["mtt", "soft-labels+auto-steps+ema"])
+def test_two_gloo_ranks_equal_one_process_averaging_two_samples(tmp_path, family):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path / "run"), family), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in r0:  # every rank holds the same state
         assert torch.equal(r0[k], r1[k]), k
 
     torch.set_num_threads(1)
-    one = _setup(2)
+    one = _setup(2, family)
     run(one, None, progress=False)
+    mine = _state(one)
+    assert r0.keys() == mine.keys()
     torch.testing.assert_close(r0["images"], one.images.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(r0["alpha"], one.syn_lr.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(r0["loss"], torch.tensor(one.history.loss), rtol=1e-6, atol=0)
+    assert r0["steps"].tolist() == mine["steps"].tolist()  # n*, averaged over the two samples
+    if family:
+        torch.testing.assert_close(r0["labels"], mine["labels"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r0["ema"], mine["ema"], rtol=1e-6, atol=1e-6)
     # ... and it is not today's single-sample algorithm (the test would pass vacuously otherwise)
-    single = _setup(1)
+    single = _setup(1, family)
     run(single, None, progress=False)
     assert not torch.allclose(single.images.detach(), one.images.detach())
     # only rank 0 wrote the checkpoint, and it resumes in one process with the same config

@@ -141,3 +141,43 @@ def test_script_evaluation_matches_the_library_protocol(first):
     assert res.accs == pytest.approx(row["test_accs"], abs=1e-12)
     if res.val_accs is not None:  # a library that scores the held-out split itself
         assert res.val_accs == pytest.approx(row["val_accs"], abs=1e-12)
+
+
+# -- benchmarks/tune_mtt.py: choosing MTT's settings on the held-out validation split ---------------
+
+TUNE = ROOT / "benchmarks" / "tune_mtt.py"
+
+
+def run_tune(out: Path, *extra: str) -> tuple[dict, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(TUNE), "--run", str(out), "--size", "tiny", "--ipc", "1", "--iterations", "2",
+           "--grid", "lr_teacher=0.01,0.02", "lr_img=100,1e12", "--num-nets", "2", "--threads", "1", *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
+    return json.loads((out / "tune" / "ipc1" / "results.json").read_text()), r.stdout
+
+
+def test_tune_chooses_on_validation_and_keeps_diverged_points(first):
+    out, _ = first
+    doc, stdout = run_tune(out)
+    recs = {(r["point"]["lr_teacher"], r["point"]["lr_img"]): r for r in doc["records"]}
+    assert set(recs) == {(a, b) for a in (0.01, 0.02) for b in (100, 1e12)}
+    for (a, b), r in recs.items():
+        if b == 1e12:  # a pixel rate 10^10 too large: refused by the divergence guard, kept in the table
+            assert r["status"] == "diverged" and "pixel" in r["reason"], r
+            continue
+        assert r["status"] == "ok" and r["config"]["lr_teacher"] == a and r["config"]["iterations"] == 2
+        assert len(r["val_accs"]) == 2 and r["val_mean"] == pytest.approx(float(np.mean(r["val_accs"])))
+        assert "test_accs" not in r and "test_mean" not in r  # the test set is never looked at
+    ok = [r for r in recs.values() if r["status"] == "ok"]
+    assert doc["best"] == max(ok, key=lambda r: r["val_mean"])["point"]
+    assert "--mtt 1:lr_teacher=" in stdout
+    md = (out / "tune" / "ipc1" / "results.md").read_text()
+    assert md.count("diverged") == 2 and "val %" in md
+    # a rerun reads every point back: same records, nothing distilled again
+    again, stdout = run_tune(out)
+    assert again["records"] == doc["records"]
+    # --cached-only lists a point that was never computed instead of computing it
+    _, stdout = run_tune(out, "--cached-only", "--grid", "lr_teacher=0.01,0.03", "lr_img=100")
+    assert "lr_teacher=0.03_lr_img=100: not computed" in stdout
+    assert not (out / "tune" / "ipc1" / "lr_teacher=0.03_lr_img=100").exists()
