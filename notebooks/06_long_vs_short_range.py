@@ -207,7 +207,9 @@ def show_cell(cell):
 
 
 first_cell = (grid_syn_steps[-1], grid_expert_epochs[0])  # the longest N at the shortest M
+show_cell(first_cell)
 out = widgets.Output()
+# the chooser starts on the cell drawn above; choosing another one draws it below the chooser
 chooser = widgets.Dropdown(options=[(f"N = {n}, M = {m}", (n, m)) for n, m in cells], value=first_cell,
                            description="cell")
 
@@ -219,7 +221,6 @@ def _redraw(change):
 
 
 chooser.observe(_redraw, names="value")
-_redraw({"new": chooser.value})  # the figures shown are always the chooser's cell
 display(widgets.VBox([chooser, out]))
 
 # %%

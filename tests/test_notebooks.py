@@ -84,7 +84,7 @@ def _cells(nb):
 def test_notebook_list():
     assert NOTEBOOKS == ["00_quickstart", "01_expert_trajectories", "02_unrolled_student", "03_matching_loss",
                          "04_learning_alpha_and_pixels", "05_evaluation", "06_long_vs_short_range",
-                         "07_memory_and_speed", "08_reproduction", "09_the_family"]
+                         "07_memory_and_speed", "08_reproduction"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -332,43 +332,3 @@ def test_08_reproduction_grid(kernel, buffer_root, tmp_path, monkeypatch):
     # a second call skips the finished configuration and rebuilds the same table
     assert reproduce_grid.main(args) == 0
     assert (out / "results.md").read_text() == table
-
-
-def test_09_the_family(kernel, buffer_root, tmp_path):
-    import numpy as np
-
-    r = execute("09_the_family", tmp_path, kernel, buffer_root, syn_steps=10, max_start_epoch=2, iterations=8,
-                eval_epochs=20, num_nets=2, check_steps=30)
-    v = r["variants"]
-    assert list(v) == ["mtt", "soft", "window", "auto", "ema", "all"]
-    for name, x in v.items():
-        assert x["iterations"] == 8 and len(x["loss"]) == len(x["t"]) == len(x["student_steps"]) == 8  # one budget
-        for key in ("", "_hard") if x["labels"] == "soft" else ("",):
-            accs = x[f"accs{key}"]
-            assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
-            assert x[f"acc{key}"] == pytest.approx(np.mean(accs)) and x[f"std{key}"] == pytest.approx(np.std(accs))
-        soft = name in ("soft", "all")
-        assert (x["labels"] == "soft") == soft and (x["acc_hard"] is not None) == soft  # both numbers for soft labels
-        if soft:
-            assert x["label_rows_sum"] == pytest.approx([1.0] * 10, abs=1e-5)
-        auto = name in ("auto", "all")
-        assert all(1 <= n <= 10 for n in x["student_steps"]) and (auto or set(x["student_steps"]) == {10.0})
-    # the window: T− = 0, T_cur from T+ // 2 = 1 to T+ = 2 by iteration E = round(0.6 · 8) = 5 (DATM's formula),
-    # the draws inside it
-    w = r["window"]
-    assert w["low"] == [0] * 8 and w["high"] == [min(2, 1 + (2 - 1) * i // 5) - 1 for i in range(8)] == [0] * 5 + [1] * 3
-    for name in ("window", "all"):
-        assert all(w["low"][i] <= t <= w["high"][i] for i, t in enumerate(v[name]["t"]))
-    assert set(v["mtt"]["t"]) <= {0, 1} and v["mtt"]["switches"] == {}
-    assert r["datm_window_high"] == [19, 29, 38, 39, 39]  # T_cur: 20, 30, 39, 40, 40 at iterations 0, 1500, 2999, …
-    # the inline derivations agree with the library
-    assert r["ema_closed_form_err"] < 1e-5 and r["ema_decay"] == round(0.999 ** (5000 / 8), 3)
-    assert r["n_star_brute"] == r["n_star_library"] and len(r["n_star_curve"]) == r["check_steps"] == 30
-    assert r["n_star_curve"][r["n_star_brute"] - 1] == pytest.approx(min(r["n_star_curve"]))
-    assert r["chooser_value"] == r["chooser_start"] == "all"
-    # the comparison is ONE Output widget redrawn in place: its cell's only display output is the widget
-    nb = nbformat.read(tmp_path / "09_the_family.out.ipynb", as_version=4)
-    (cell,) = [c for c in nb.cells if "display(widgets.VBox([chooser, comparison]))" in c.source]
-    shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
-    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0].data, \
-        [sorted(o.get("data", {})) for o in cell.outputs]
