@@ -90,8 +90,26 @@ sys.path.insert(0, str(ROOT))
 
 DATASET = "fashion-mnist-mini"
 VARIANTS = ("mtt", "soft", "window", "auto", "ema", "all")
+#: The seed papers' extensions (issue 15) and the student in bf16 (issue 16), run on request
+#: (``--variants mtt,prune,depth,texture,perturb,bf16``), each alone on top of plain MTT; "all" stays the family above.
+EXTENSIONS = ("prune", "depth", "texture", "perturb", "bf16")
 DISPLAY = {"mtt": "MTT", "soft": "+ soft labels (TESLA/DATM)", "window": "+ window (DATM)",
-           "auto": "+ auto N (ATT)", "ema": "+ EMA (FTD/DATM)", "all": "all together"}
+           "auto": "+ auto N (ATT)", "ema": "+ EMA (FTD/DATM)", "all": "all together",
+           "prune": "+ pruning, mismatch (Li et al.)", "depth": "+ pruning, depth (PAD)",
+           "texture": "+ texture (MTT §5)", "perturb": "+ perturbed θ*_t (model augmentation)", "bf16": "student in bf16 (same budget)"}
+#: Li et al.'s share of the parameters pruned from the matching (the largest |θ̂ − θ*| after a probe unroll).
+PRUNE_FRACTION = 0.1
+#: PAD's depth ratio at IPC 1 is 0 (nothing masked: the row would be plain MTT), so the depth row uses
+#: max(PAD's ratio for the IPC, this).
+DEPTH_MIN_RATIO = 0.25
+#: ρ of model augmentation's weight perturbation, applied to θ*_t (each filter moved by ρ‖θ_j‖).
+EXPERT_PERTURB = 0.01
+#: The texture canvas: this many times the input side (28 → 56), one canvas per class per ipc.
+TEXTURE_SCALE = 2
+#: The texture rows' lr_lr: at plain MTT's 1e-6 α fell steadily to 0 and the run diverged (iteration 148 of
+#: 300 at IPC 1, 94 of 100 at IPC 10: L never went below 1, so the loss is least with a student that does
+#: not move); at 1e-7 α cannot collapse within the budget. docs/results.md gives both.
+TEXTURE_LR_LR = 1e-7
 #: DATM's learning rate of the label logits.
 LR_Y = 2.0
 #: DATM's EMA decay and the number of iterations it is used for (the decay is scaled to the run).
@@ -129,7 +147,7 @@ def ema_decay_for(iterations: int) -> float:
     return round(DATM_EMA ** (DATM_ITERATIONS / iterations), 3)
 
 
-def switches(variant: str, ipc_settings: dict, lr_y: float, ema: float | str) -> dict:
+def switches(variant: str, ipc_settings: dict, lr_y: float, ema: float | str, ipc: int = 1) -> dict:
     """The DistillConfig fields a variant turns on (module docstring: DATM's values scaled to the run)."""
     T_plus, its = ipc_settings["max_start_epoch"], ipc_settings["iterations"]
     each = {
@@ -143,6 +161,15 @@ def switches(variant: str, ipc_settings: dict, lr_y: float, ema: float | str) ->
         return {}
     if variant == "all":
         return {k: v for part in each.values() for k, v in part.items()}
+    if variant in EXTENSIONS:
+        from mttlite.pruning import pad_depth_ratio
+
+        return {"prune": {"prune_rule": "mismatch", "prune_fraction": PRUNE_FRACTION},
+                "depth": {"prune_rule": "depth",
+                          "prune_fraction": max(pad_depth_ratio(ipc), DEPTH_MIN_RATIO)},
+                "texture": {"texture_canvas": TEXTURE_SCALE * 28, "lr_lr": TEXTURE_LR_LR},
+                "perturb": {"expert_perturb": EXPERT_PERTURB},
+                "bf16": {"precision": "bf16"}}[variant]
     return dict(each[variant])
 
 
@@ -151,7 +178,7 @@ def cell_config(variant: str, ipc: int, a: dict):
 
     st = a["ipc_settings"][str(ipc)]
     return preset("demo", dataset=DATASET, ipc=ipc, seed=a["seed"], checkpoint_every=a["checkpoint_every"], **st,
-                  **switches(variant, st, a["lr_y"], a["ema_decay"]))
+                  **switches(variant, st, a["lr_y"], a["ema_decay"], ipc))
 
 
 def protocol_for(a: dict):
@@ -201,8 +228,13 @@ def cached_cell(variant: str, ipc: int, a: dict) -> dict | None:
     path = Path(a["out"]) / "cells" / f"{_key(variant, ipc)}.json"
     if not path.exists():
         return None
+    from mttlite.distill import DistillConfig
+
     doc = json.loads(path.read_text())
     want = json.loads(json.dumps(_inputs(variant, ipc, a), default=str))
+    if isinstance(doc.get("inputs", {}).get("config"), dict):  # a cell written before a field existed: its default
+        doc["inputs"]["config"] = json.loads(json.dumps(DistillConfig.from_dict(doc["inputs"]["config"]).to_dict(),
+                                                        default=str))
     if doc.get("inputs") != want:
         diff = sorted(k for k in set(want) | set(doc.get("inputs", {})) if doc.get("inputs", {}).get(k) != want.get(k))
         raise SystemExit(f"{path} was computed with other settings (they differ in {diff}): use another --out "
@@ -252,8 +284,8 @@ def run_cell(variant: str, ipc: int, a: dict) -> dict:
     doc = {
         "inputs": _inputs(variant, ipc, a),
         "row": {
-            "variant": variant, "ipc": ipc, "switches": switches(variant, a["ipc_settings"][str(ipc)], a["lr_y"],
-                                                               a["ema_decay"]),
+            "variant": variant, "ipc": ipc,
+            "switches": switches(variant, a["ipc_settings"][str(ipc)], a["lr_y"], a["ema_decay"], ipc),
             "iterations": d.iteration, "syn_steps": N,
             "labels": "soft" if s.labels.is_floating_point() else "hard",
             "acc": _summary(res),  # the set as exported (soft labels for soft / all)
@@ -391,7 +423,8 @@ def _interpreter() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="run folder (default runs/bench/family, runs/bench/family-quick with --quick)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, from {','.join(VARIANTS + EXTENSIONS)} (default: the family)")
     p.add_argument("--ipcs", default="1,10")
     p.add_argument("--width", type=int, default=None, help="ConvNet width of the experts, students and evaluation (32)")
     p.add_argument("--num-experts", type=int, default=None, help="experts in the shared buffer (5)")
@@ -411,9 +444,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     variants = [v for v in a.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + EXTENSIONS]
     if bad:
-        p.error(f"unknown variants {bad}; choose from {','.join(VARIANTS)}")
+        p.error(f"unknown variants {bad}; choose from {','.join(VARIANTS + EXTENSIONS)}")
     ipcs = [int(i) for i in a.ipcs.split(",") if i]
     size = SIZES["quick" if a.quick else "default"]
     if any(i not in size["ipc"] for i in ipcs):
@@ -450,7 +483,7 @@ def main(argv=None) -> int:
         print(f"IPC {i}: preset demo with N={base.syn_steps}, M={base.expert_epochs}, T+={base.max_start_epoch}, "
               f"{base.iterations} iterations, lr_img={base.lr_img:g}, lr_lr={base.lr_lr:g}, α0={base.lr_teacher:g}")
         for v in variants:
-            print(f"  {_key(v, i)}: {_settings_text(switches(v, ipc_settings[str(i)], a.lr_y, a.ema_decay))}")
+            print(f"  {_key(v, i)}: {_settings_text(switches(v, ipc_settings[str(i)], a.lr_y, a.ema_decay, i))}")
 
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
@@ -522,7 +555,7 @@ def main(argv=None) -> int:
                               f"seed {base.seed}")
         for v in variants:
             if v != "mtt":
-                settings_lines.append(f"  - {v}: `{json.dumps(switches(v, ipc_settings[str(i)], a.lr_y, a.ema_decay))}`")
+                settings_lines.append(f"  - {v}: `{json.dumps(switches(v, ipc_settings[str(i)], a.lr_y, a.ema_decay, i))}`")
     experts_text = (f"Experts: {a.num_experts} ConvNet-3 (width {a.width}) x {a.train_epochs} epochs, one buffer for "
                     f"every cell (`{buffer}`).")
     legend = ("\"as exported\": the set `to_synset` saves (soft labels for the soft-label variants; the EMA images "

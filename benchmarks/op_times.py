@@ -1,6 +1,6 @@
 """Where one distillation iteration spends its time: every aten op timed, grouped by op and shapes.
 
-    python benchmarks/op_times.py [--mode exact|unroll] [--layers mttlite|torch] [--top 30]
+    python benchmarks/op_times.py [--mode exact|unroll] [--layers mttlite|torch] [--precision fp32|bf16] [--top 30]
     py-spy record --native -- python benchmarks/op_times.py --mode unroll --no-dispatch --iters 3
 
 The reference configuration of issue 4 (1x28x28, IPC 10, width 128, N = 10, DSA). After one
@@ -8,7 +8,9 @@ warm-up iteration, one iteration runs plain (its wall-clock time is printed) and
 ``TorchDispatchMode`` that times every aten op it sees (composite ops appear as the ops they
 decompose into). The table lists the ``--top`` op/shape groups by total time, then the totals per
 layer kind. ``--layers torch`` swaps torch's GroupNorm / AvgPool2d back in
-(``mttlite.layers.torch_layers``). ``--no-dispatch --iters K`` only runs K plain iterations, for
+(``mttlite.layers.torch_layers``). ``--precision bf16`` runs the student under bf16 autocast
+(``mttlite.precision``), so the table shows which ops run in bf16 and which stay fp32 (the
+``dtypes`` column). ``--no-dispatch --iters K`` only runs K plain iterations, for
 an outside profiler.
 """
 import argparse
@@ -44,8 +46,10 @@ class OpTimer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-        entry = self.stats[(func.overloadpacket.__name__, shapes)]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        shapes = tuple(tuple(a.shape) for a in tensors)
+        dtypes = "/".join(sorted({str(a.dtype).removeprefix("torch.") for a in tensors}))
+        entry = self.stats[(func.overloadpacket.__name__, shapes, dtypes)]
         entry[0] += 1
         entry[1] += time.perf_counter() - t0
         return out
@@ -57,6 +61,7 @@ if __name__ == "__main__":
     p.add_argument("--layers", default="mttlite", choices=["mttlite", "torch"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--no-dispatch", action="store_true")
     p.add_argument("--iters", type=int, default=1)
     a = p.parse_args()
@@ -75,11 +80,12 @@ if __name__ == "__main__":
     def iteration() -> float:
         plan = make_plan(100, a.steps, None, g)
         t0 = time.perf_counter()
-        meta_gradient(a.mode, net, spec, theta, target, x, y, torch.tensor(0.01), plan, DSA_STRATEGY)
+        meta_gradient(a.mode, net, spec, theta, target, x, y, torch.tensor(0.01), plan, DSA_STRATEGY,
+                      precision=a.precision)
         return time.perf_counter() - t0
 
     iteration()  # warm-up
-    print(f"# op times — {hardware()}; {a.mode}, {a.layers} layers, N={a.steps}, allocator {malloc_mode()}")
+    print(f"# op times — {hardware()}; {a.mode}, {a.layers} layers, {a.precision}, N={a.steps}, allocator {malloc_mode()}")
     for _ in range(a.iters):
         print(f"plain iteration: {iteration():.2f} s")
     if a.no_dispatch:
@@ -89,12 +95,12 @@ if __name__ == "__main__":
         timed = iteration()
     total = sum(t for _, t in timer.stats.values())
     print(f"timed iteration: {timed:.2f} s, of which inside aten ops: {total:.2f} s\n")
-    print("| s | calls | op | input shapes |")
-    print("|---|---|---|---|")
-    for (op, shapes), (n, t) in sorted(timer.stats.items(), key=lambda kv: -kv[1][1])[:a.top]:
-        print(f"| {t:.3f} | {n} | {op} | {' '.join(str(list(s)) for s in shapes)} |")
+    print("| s | calls | op | input shapes | dtypes |")
+    print("|---|---|---|---|---|")
+    for (op, shapes, dtypes), (n, t) in sorted(timer.stats.items(), key=lambda kv: -kv[1][1])[:a.top]:
+        print(f"| {t:.3f} | {n} | {op} | {' '.join(str(list(s)) for s in shapes)} | {dtypes} |")
     print("\n| layer kind | s | % of the ops' time |")
     print("|---|---|---|")
     for kind, ops in KINDS.items():
-        t = sum(t for (op, _), (_, t) in timer.stats.items() if op in ops)
+        t = sum(t for (op, _, _), (_, t) in timer.stats.items() if op in ops)
         print(f"| {kind} | {t:.2f} | {100 * t / total:.0f} |")

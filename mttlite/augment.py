@@ -38,6 +38,8 @@ call, uniformly, and applied to the whole batch. ``"M"``: every op, in order.
 **Randomness contract** (what "replay by seed" relies on). One CPU generator
 ``torch.Generator("cpu").manual_seed(seed)`` feeds, in this order:
 
+0. texture only (``DSAParams.texture_crop`` set): the offsets of the canvas's toroidal crop, dy (B,) then
+   dx (B,) (``mttlite.texture.draw_offsets``); the crop (B, C, Hc, Wc) -> (B, C, H, W) is applied first;
 1. mode "S" only: the op index, ``torch.randint(0, n_ops, (1,))``;
 2. each (sub-)op applied, in order, draws its parameters as listed in its docstring,
    ``n = B`` values per draw (``n = 1`` if ``shared=True``, then broadcast to the batch).
@@ -63,6 +65,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .texture import toroidal_crop
 
 __all__ = [
     "DSA_STRATEGY",
@@ -102,6 +106,9 @@ class DSAParams:
     prob_flip: float = 0.5  # probability of a horizontal flip
     ratio_scale: float = 1.2  # sx, sy ~ U[1 / ratio_scale, ratio_scale]
     ratio_rotate: float = 15.0  # angle ~ U[-ratio_rotate, ratio_rotate] degrees
+    # Texture distillation (``mttlite.texture``): (H, W) of a random toroidal crop of each canvas, taken
+    # before the ops; None (the default) = no crop, the input is the image itself.
+    texture_crop: tuple[int, int] | None = None
 
 
 # ---------------------------------------------------------------------------------
@@ -342,6 +349,9 @@ def dsa(
     mode:     "S" = one op of the strategy, chosen from the seed;  "M" = all ops in order.
     shared:   one omega for the whole batch (siamese: the same seed gives the same transform to
               batches of any size), instead of one omega per sample.
+    params.texture_crop = (H, W): x holds texture canvases (B, C, Hc, Wc); each is first cropped
+              toroidally at a random offset drawn from the seed (``mttlite.texture``), then augmented,
+              so the result is (B, C, H, W) (even with no ops).
     """
     if mode not in MODES:
         raise ValueError(
@@ -353,11 +363,13 @@ def dsa(
     if not x.is_floating_point():
         raise ValueError(f"dsa expects a floating-point x, got dtype {x.dtype}")
     ops = parse_strategy(strategy)
-    if not ops:
+    if not ops and params.texture_crop is None:
         return x
 
     gen = torch.Generator("cpu").manual_seed(operator.index(seed))
-    if mode == "S":
+    if params.texture_crop is not None:  # texture: the canvas's toroidal crop comes first (contract, step 0)
+        x = toroidal_crop(x, params.texture_crop, gen, shared)
+    if mode == "S" and ops:
         ops = (ops[int(torch.randint(0, len(ops), (1,), generator=gen))],)
     for op in ops:
         for f in OPS[op]:

@@ -55,8 +55,20 @@ SYMBOLS = {
     "auto_steps": "ATT: match at the student step n* ≤ N closest to θ*_{t+M} instead of at N (default: off)",
     "ema_decay": "FTD/DATM: export an exponential moving average of the pixels with this decay, in [0, 1) "
                  "(DATM: 0.999; default: none)",
+    "expert_perturb": "model augmentation (Zhang et al. 2023): ρ in [0, 1], start the student from θ*_t perturbed "
+                      "by Gaussian noise scaled to ρ × each filter's norm (the target stays θ*_{t+M}; 0.01–0.05; "
+                      "default 0 = off)",
     "precision": "the student's arithmetic: fp32 (default), bf16 (CPUs with AVX512-BF16/AMX, GPUs) or fp16 "
                  "(GPUs, loss-scaled); pixels, α and every update stay fp32",
+    "texture_canvas": "texture distillation (MTT §5): each synthetic image is an S×S toroidal canvas, S ≥ the images' "
+                      "side (the authors' default: 2×), seen through random wrap-around crops; synset.png shows each "
+                      "canvas tiled 3×3; not with --zca (default: off)",
+    "prune_rule": "parameter pruning of the matching loss (both norms): 'mismatch' (Li et al.: prune the fraction "
+                  "--prune-fraction of the parameters the student matches worst, from a probe unroll at the start) "
+                  "or 'depth' (PAD: prune the first --prune-fraction of the parameters, the shallow layers); "
+                  "default: off",
+    "prune_fraction": "β in [0, 1): the fraction of the parameters --prune-rule prunes (default with 'depth': "
+                      "PAD's CIFAR-10 ratio for the IPC, 0 at IPC 1 and 0.5 from IPC 10; 'mismatch' needs it)",
 }
 
 
@@ -82,6 +94,10 @@ _opt_int.__name__ = "integer (or 'all')"
 _opt_float.__name__ = "number (or 'none')"
 
 
+def _opt_str(s: str):
+    return None if s.lower() in ("none", "off") else s
+
+
 def _count(s: str) -> int:
     return int(s)
 
@@ -95,10 +111,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distillation settings (override the preset; paper symbols in brackets)")
     for f in fields(DistillConfig):
         typ = {"int": _count, "float": float, "bool": _bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        if f.name in ("batch_syn", "samples_per_iteration", "current_max_start_epoch", "expansion_end_iteration"):
+        if f.name in ("batch_syn", "samples_per_iteration", "current_max_start_epoch", "expansion_end_iteration",
+                      "texture_canvas"):
             typ = _opt_int
-        if f.name == "ema_decay":
+        if f.name in ("ema_decay", "prune_fraction"):
             typ = _opt_float
+        if f.name == "prune_rule":
+            typ = _opt_str
         # a true/false setting also works as a bare flag: `--soft-labels` = `--soft-labels true`
         flag = dict(nargs="?", const=True) if typ is _bool else {}
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=SYMBOLS.get(f.name, ""),
@@ -137,6 +156,7 @@ def cmd_distill(args):
     from .io import RunLock, check_writable_dir
     from .pipeline import distill_set
     from .precision import check_precision
+    from .report import write_run_report
 
     config = _config_from(args)
     check_precision(config.precision, args.device)  # bf16 / fp16 where they cannot run: before any work
@@ -151,7 +171,9 @@ def cmd_distill(args):
         if torch_rank() != 0:  # torchrun: rank 0 wrote the set
             return
         s.save_png_grid(f"{args.out}/synset.png")
-    print(f"saved {args.out}/synset.safetensors ({len(s.labels)} images, learned α = {s.syn_lr:.5g}) and {args.out}/synset.png")
+        write_run_report(args.out)  # report.html: L and α per iteration, the set at a few iterations
+    print(f"saved {args.out}/synset.safetensors ({len(s.labels)} images, learned α = {s.syn_lr:.5g}), "
+          f"{args.out}/synset.png and {args.out}/report.html")
 
 
 def cmd_evaluate(args):
@@ -234,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = common(sub.add_parser("distill", help="stages 2–4: learn the synthetic images and α"))
     d.add_argument("--buffer", required=True, help="expert buffer directory (from `mttlite experts`)")
-    d.add_argument("--out", required=True, help="run directory: checkpoint, synset.safetensors, synset.png")
+    d.add_argument("--out", required=True, help="run directory: checkpoint, synset.safetensors, synset.png, report.html")
     d.add_argument("--preset", default=None, help="start from a preset (see `mttlite presets`)")
     d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     _add_config_args(d)
@@ -283,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="the set's .safetensors file")
     b.add_argument("--seed", type=_count, default=0)
     b.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option (repeatable), e.g. --opt iterations=200; `baselines list` names them")
+                   help="a method option (repeatable), e.g. --opt iterations=200; `baselines list` names them. "
+                        "Model augmentation (dc, dsa, dcc, dm): --opt model_pool=BUFFER_DIR --opt pool_epochs=2 "
+                        "--opt rho=0.01")
     b.add_argument("--val-per-class", type=_count, default=None, metavar="N",
                    help="hold N training images per class out (the method never sees them)")
     b.add_argument("--zca", action="store_true")

@@ -46,6 +46,31 @@ float32. With "fp16" the meta-gradient is loss-scaled by a dynamic S (``precisio
 iteration whose gradient overflows is undone and redone with S/2 (same draws), so it never reaches
 the guard; S is saved in checkpoints.
 
+Texture distillation (MTT §5, ``mttlite.texture``), off by default: ``texture_canvas`` = s makes each
+synthetic image an s × s toroidal canvas (one per class per ipc) instead of an H × W image; every
+student step sees a random wrap-around crop of each canvas (taken before DSA, from the step's seed, so
+both gradient modes replay it exactly). ``pix_init="real"`` lays the canvas out as a grid of real
+images of its class (the authors' way; the seams take long to smooth out), ``"noise"`` draws N(0, 1).
+ZCA is refused (a whitening matrix acts on a whole H × W image, which a canvas is not; the authors
+refuse the combination too). With ``soft_labels`` the initial logits are the expert's on the canvas's
+top-left crop, which with ``pix_init="real"`` is the image the plain initialisation would have picked.
+
+Parameter pruning of the matching loss (``mttlite.pruning``), off by default: ``prune_rule`` builds a mask
+m ∈ {0,1}^P once, before the first iteration, and every iteration matches
+L_m = ‖m ⊙ (θ̂_N − θ*_{t+M})‖² / ‖m ⊙ (θ*_t − θ*_{t+M})‖² with the exact gradient of L_m (both modes).
+"mismatch" (Li et al.): prune the fraction β = ``prune_fraction`` of the parameters with the largest
+|θ̂_N − θ*_{t+M}| in a probe unroll from the initial state; "depth" (PAD): prune the first ⌊β·P⌋ entries of
+θ in layer order (the shallow layers), β = PAD's ratio for the IPC when ``prune_fraction`` is None.
+``Distiller.prune_counts`` (saved in checkpoints' metadata) gives the pruned entries per parameter tensor.
+
+Model augmentation of the expert (Zhang et al. 2023, ``mttlite.model_augment``), off by default:
+``expert_perturb`` = ρ > 0 starts the student from a perturbed θ̃*_t = θ*_t + ρ·d (d Gaussian, scaled filter
+by filter so that each filter of θ*_t moves by ρ·‖θ*_{t,l,j}‖; 1-D tensors untouched), the noise drawn from a
+seed that the run's generator draws after the iteration's samples (ranks and resumed runs stay in step). The
+target θ*_{t+M} is not perturbed, and the denominator uses the perturbed start,
+L = ‖θ̂_N − θ*_{t+M}‖² / ‖θ̃*_t − θ*_{t+M}‖², so that L = 1 still means "no closer than where the student
+started" (the guard's LOSS_MAX keeps its meaning) and both gradient modes differentiate that same L.
+
 DATM's own settings (its CIFAR-10 configuration): ``soft_labels`` with lr_y = 2 and label momentum
 0.9 (here the labels share ``momentum``, 0.5 by default), ``ema_decay`` = 0.999,
 ``current_max_start_epoch`` = 20 growing to T+ = 40 by ``expansion_end_iteration`` = 3000, T− = 0.
@@ -64,15 +89,20 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .augment import default_strategy, parse_strategy
+from .augment import DSAParams, default_strategy, parse_strategy
 from .errors import Diverged
 from .io import generator_state, load_tensors, save_tensors
 from .kernels import StepKernels
+from .matching import apply_mask
 from .meta_gradient import GRADIENT_MODES, meta_gradient
+from .model_augment import check_rho, perturb
 from .params import ParamSpec
 from .precision import PRECISIONS, LossScaler, check_precision
 from .ranks import process_group
+from .pruning import PRUNE_RULES, check_mask, depth_mask, fraction_error, mask_counts, pad_depth_ratio, probe_mismatch_mask
 from .student import make_plan
+from .texture import crop_at, tile_canvas
+from .texture import input_size as texture_input_size
 
 CHECKPOINT_FORMAT = "mttlite-checkpoint"
 ALPHA_PARAMS = ("linear", "log")
@@ -148,9 +178,19 @@ class DistillConfig:
     expansion_end_iteration: int | None = None  # the iteration T_cur reaches T+ (DATM: 3000); None: ``iterations``
     auto_steps: bool = False  # ATT: match at n* = argmin_{1≤n≤N} ‖θ̂_n − θ*_{t+M}‖² instead of at N
     ema_decay: float | None = None  # FTD/DATM: export the EMA of the pixels with this decay (DATM: 0.999)
+    # model augmentation (Zhang et al. 2023): ρ of the filter-normalised perturbation of θ*_t (0 = off; 0.01–0.05)
+    expert_perturb: float = 0.0
+    # texture distillation (MTT §5): each synthetic image is a texture_canvas × texture_canvas toroidal canvas,
+    # ≥ the images' side, seen through random wrap-around crops (mttlite.texture); None = off
+    texture_canvas: int | None = None
     # the student's arithmetic (mttlite.precision): "fp32", "bf16" (CPUs with AVX512-BF16/AMX, GPUs),
     # "fp16" (GPUs, loss-scaled); the pixels, α, θ and every update stay float32
     precision: str = "fp32"
+    # parameter pruning of the matching loss (mttlite.pruning): None = off, "mismatch" (Li et al.: the β of the
+    # parameters hardest to match, from a probe unroll) or "depth" (PAD: the first β of θ, the shallow layers)
+    prune_rule: str | None = None
+    # β in [0, 1): the fraction of the P parameters pruned; None: with "depth", PAD's ratio for ipc (pad_depth_ratio)
+    prune_fraction: float | None = None
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming every bad field."""
@@ -187,6 +227,12 @@ class DistillConfig:
         if self.precision not in PRECISIONS:
             errs.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         errs += self._family_errors()
+        try:  # model augmentation's ρ (mttlite.model_augment)
+            check_rho(self.expert_perturb, "expert_perturb")
+        except ValueError as e:
+            errs.append(str(e))
+        errs += self._texture_errors()
+        errs += self._prune_errors()
         try:
             parse_strategy(self.dsa_strategy)
         except ValueError as e:
@@ -194,6 +240,33 @@ class DistillConfig:
         if errs:
             raise ValueError("invalid DistillConfig:\n  " + "\n  ".join(errs))
         return self
+
+    def _texture_errors(self) -> list[str]:
+        """Texture distillation's settings (the canvas against the images' size is checked by ``Distiller``)."""
+        s = self.texture_canvas
+        if s is None:
+            return []
+        if not (_is_int(s) and s >= 1):
+            return [f"texture_canvas must be None (off) or a positive integer, the canvas side in pixels "
+                    f"(>= the images' side, e.g. 2x it as the authors' default), got {s!r}"]
+        if self.zca:
+            return ["texture_canvas cannot be used with zca=True: ZCA whitening is a linear map of whole HxW images "
+                    "and a canvas is not one (the MTT authors refuse texture with zca too); use zca=False"]
+        return []
+
+    def _prune_errors(self) -> list[str]:
+        """Parameter pruning's settings (``mttlite.pruning``); a mask that leaves nothing is refused by ``Distiller``."""
+        rule, beta = self.prune_rule, self.prune_fraction
+        if rule is not None and rule not in PRUNE_RULES:
+            return [f"prune_rule must be None (off) or one of {PRUNE_RULES}, got {rule!r}"]
+        if beta is not None and fraction_error(beta) is not None:
+            return [fraction_error(beta)]
+        if beta is not None and rule is None:
+            return [f"prune_fraction = {beta!r} is set but prune_rule is None (off): give prune_rule 'mismatch' or 'depth'"]
+        if beta is None and rule == "mismatch":
+            return ["prune_fraction must be given, in [0, 1), with prune_rule 'mismatch' (β: the fraction of the "
+                    "parameters with the largest mismatch that is pruned)"]
+        return []
 
     def _family_errors(self) -> list[str]:
         """The trajectory-matching family's settings (soft labels, window, automatic N, EMA)."""
@@ -243,7 +316,7 @@ class DistillConfig:
         return cls(**d)
 
 
-# The authors' settings for ConvNet-3 (METHOD.md, dc-bench copy), plus our Fashion-MNIST choices.
+# The authors' settings for ConvNet-3 (docs/method.md, as collected by DC-Bench), plus our Fashion-MNIST choices.
 PRESETS: dict[str, DistillConfig] = {
     "cifar10-ipc1": DistillConfig("cifar10", 1, 50, 2, 2, 5000, 100.0, 1e-7, 0.01, None, zca=True),
     "cifar10-ipc10": DistillConfig("cifar10", 10, 30, 2, 20, 5000, 100.0, 1e-5, 0.001, None, zca=True),
@@ -380,6 +453,8 @@ class Distiller:
         # fp16: the dynamic loss scale of the meta-gradient (host state; saved in checkpoints)
         self.loss_scaler = LossScaler() if config.precision == "fp16" else None
         self.dsa_strategy = default_strategy(dataset.name) if config.dsa_strategy is None else config.dsa_strategy
+        # texture: each step's batch of canvases is first cropped toroidally to the input size (augment.dsa)
+        self.dsa_params = DSAParams(texture_crop=self._texture_input()) if config.texture_canvas else DSAParams()
         self._check_epochs()
         if len(expert_source) < 1:
             raise ValueError("the expert buffer holds no complete expert: run `mttlite experts` first")
@@ -401,11 +476,36 @@ class Distiller:
                       if self.label_logits is not None else None)
         # x̄, the EMA of the pixels (ema_decay): starts at the initial images
         self.images_ema = self.images.detach().clone() if config.ema_decay is not None else None
+        # parameter pruning: m, (P,) bool on the device (None: off), and its pruned entries per parameter tensor
+        self.prune_mask = self._prune_mask()
+        self.prune_counts = None if self.prune_mask is None else mask_counts(self.spec, self.prune_mask)
         self.iteration = 0
         self.history = History()
         self._previous = None  # (state before the last update, its iteration, history length, changes)
 
     # -- set-up ------------------------------------------------------------------------------------
+    def _prune_mask(self) -> Tensor | None:
+        """m for ``prune_rule`` (``mttlite.pruning``), built once from the initial state; None when off.
+
+        "mismatch" probes one (expert, t, plan) drawn from a generator of its own seeded with ``seed`` (the
+        run's draws stay those of a run without pruning) and unrolls N steps with the initial pixels, labels
+        and α0; a mask that leaves nothing to match is a ValueError naming ``prune_fraction``."""
+        c = self.config
+        if c.prune_rule is None:
+            return None
+        beta = pad_depth_ratio(c.ipc) if c.prune_fraction is None else c.prune_fraction
+        if c.prune_rule == "depth":
+            return check_mask(depth_mask(self.spec, beta, device=self.device))
+        g = torch.Generator().manual_seed(c.seed)
+        expert = int(torch.randint(len(self.experts), (1,), generator=g))
+        start = int(torch.randint(*start_window(c, 0), (1,), generator=g))
+        plan = make_plan(self.images.shape[0], c.syn_steps, c.batch_syn, g)
+        theta_start = self.experts.flat(expert, start, device=self.device)  # θ*_t
+        theta_target = self.experts.flat(expert, start + c.expert_epochs, device=self.device)  # θ*_{t+M}
+        mask = probe_mismatch_mask(self.model, self.spec, theta_start, theta_target, self.images, self.targets,
+                                   self.syn_lr, plan, self.dsa_strategy, beta, self.dsa_params, c.precision)
+        return check_mask(mask, theta_start, theta_target)
+
     def _check_epochs(self):
         stored = set(self.experts.epochs)
         c = self.config
@@ -419,12 +519,33 @@ class Distiller:
                 "lower max_start_epoch / expert_epochs, or train experts for more epochs"
             )
 
+    def _texture_input(self) -> tuple[int, int]:
+        """(H, W) of the crops the student sees of each canvas (the data's image size); refuses a canvas
+        smaller than that, or ZCA-whitened data, naming ``texture_canvas``."""
+        if getattr(self.dataset, "zca", None) is not None:
+            raise ValueError("texture_canvas cannot be used with ZCA-whitened data (a whitening acts on whole HxW "
+                             "images, which a canvas is not): load the data set with zca=False")
+        return texture_input_size(self.config.texture_canvas, tuple(self.dataset.im_size))
+
+    @property
+    def texture(self) -> dict | None:
+        """Texture mode: {"canvas": [Hc, Wc], "input": [H, W]} (what the exported set records); else None."""
+        if self.config.texture_canvas is None:
+            return None
+        return {"canvas": list(self.images.shape[-2:]), "input": list(self.dsa_params.texture_crop)}
+
     def _init_images(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """x: (ipc·K, C, H, W) from random real images of each class (or noise); y: (ipc·K,) class-major;
         with ``soft_labels`` the label logits z (ipc·K, K), learnable, else None.
 
         Soft labels, DATM's way: z = f(x; θ*) with θ* expert 0 at its last stored epoch, and the real
-        images are the first ``ipc`` of each class's random order that this expert classifies correctly."""
+        images are the first ``ipc`` of each class's random order that this expert classifies correctly.
+
+        Texture (``texture_canvas`` = s): x is (ipc·K, C, s, s). "real": a grid of ⌈s/H⌉ × ⌈s/W⌉ real images
+        of the class cut to the canvas (``texture.tile_canvas``), its top-left cell the image the plain
+        initialisation picks, the others the next ones in the class's random order (cycling through a
+        small class); no extra random draws. "noise": N(0, 1) on the whole canvas. Soft labels: z is the
+        expert's logits on the top-left crop."""
         c, ds = self.config, self.dataset
         K = ds.num_classes
         counts = torch.bincount(ds.train_labels.cpu(), minlength=K)
@@ -432,19 +553,29 @@ class Distiller:
             raise ValueError(f"ipc={c.ipc} is larger than the smallest class of {ds.name} ({int(counts.min())} images)")
         labels = torch.arange(K).repeat_interleave(c.ipc)
         theta = self._label_expert() if c.soft_labels else None
+        canvas = c.texture_canvas
+        cells = math.ceil(canvas / ds.im_size[0]) * math.ceil(canvas / ds.im_size[1]) if canvas else 1
         if c.pix_init == "real":
-            picks = []
+            picks, fill = [], []
             for k in range(K):
                 idx = torch.nonzero(ds.train_labels.cpu() == k).flatten()
                 order = idx[torch.randperm(len(idx), generator=self.generator)]
                 picks.append(order[: c.ipc] if theta is None else self._classified_correctly(k, order, theta))
+                if canvas:  # the canvases' other grid cells: the class's next images
+                    fill.append(order[(c.ipc + torch.arange(c.ipc * (cells - 1))) % len(order)])
             images = ds.train_images[torch.cat(picks).to(ds.train_images.device)].detach().clone()
+            if canvas:  # (n, cells, C, H, W) → (n, C, s, s)
+                rest = ds.train_images[torch.cat(fill).to(ds.train_images.device)]
+                rest = rest.view(K * c.ipc, cells - 1, *images.shape[1:])
+                images = tile_canvas(torch.cat([images[:, None], rest], 1), canvas)
         else:
-            images = torch.randn((K * c.ipc, ds.channel, *ds.im_size), generator=self.generator)
+            shape = (canvas, canvas) if canvas else tuple(ds.im_size)
+            images = torch.randn((K * c.ipc, ds.channel, *shape), generator=self.generator)
         images = images.to(self.device)
         logits = None
-        if theta is not None:  # z = f(x; θ*): the expert's logits, learnable
-            logits = self._expert_logits(theta, images).to(images.dtype).requires_grad_(True)
+        if theta is not None:  # z = f(x; θ*): the expert's logits, learnable (texture: on the top-left crop)
+            seen = crop_at(images, tuple(ds.im_size), 0, 0) if canvas else images
+            logits = self._expert_logits(theta, seen).to(images.dtype).requires_grad_(True)
         return images.requires_grad_(True), labels.to(self.device), logits
 
     def _label_expert(self) -> Tensor:
@@ -534,6 +665,9 @@ class Distiller:
         c = self.config
         backup = self._snapshot()  # the state this iteration starts from, its generator state included
         draws = [self._draw() for _ in range(self.samples_per_iteration)]
+        # expert_perturb: one noise seed per sample, drawn after all the samples (off: nothing drawn)
+        noise = [int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)) if c.expert_perturb else None
+                 for _ in draws]
         alpha = self.syn_lr.detach()
         soft = self.label_logits is not None
         y = self.targets.requires_grad_(True) if soft else self.labels  # y = softmax(z): ∂L/∂y wanted
@@ -544,15 +678,19 @@ class Distiller:
         still = torch.zeros_like(alpha)  # how many samples had an expert that did not move (den = 0)
         steps = torch.zeros_like(alpha)  # Σ n* over the samples (N each without auto_steps)
         student_losses = None
-        for expert, start, plan in draws[self.rank::self.world_size]:
+        for (expert, start, plan), seed in zip(draws[self.rank::self.world_size], noise[self.rank::self.world_size]):
             theta_start = self.experts.flat(expert, start, device=self.device)  # θ*_t
+            if seed is not None:  # θ̃*_t = θ*_t + ρ·d, the start and the denominator's (module docstring)
+                theta_start = perturb(theta_start, self.spec, c.expert_perturb, torch.Generator().manual_seed(seed))
             theta_target = self.experts.flat(expert, start + c.expert_epochs, device=self.device)  # θ*_{t+M}
-            den = (theta_start - theta_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖²
+            den = apply_mask(theta_start - theta_target, self.prune_mask).pow(2).sum()  # ‖m ⊙ (θ*_t − θ*_{t+M})‖²
             still += (den == 0).to(still.dtype)
             mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target, self.images, y, alpha,
-                               plan, self.dsa_strategy, kernels=self.kernels, auto_steps=c.auto_steps,
+                               plan, self.dsa_strategy, self.dsa_params, kernels=self.kernels,
+                               auto_steps=c.auto_steps,
                                precision=c.precision,
-                               loss_scale=None if self.loss_scaler is None else self.loss_scaler.scale)
+                               loss_scale=None if self.loss_scaler is None else self.loss_scaler.scale,
+                               mask=self.prune_mask)
             grad_x += mg.images
             if soft:
                 grad_y += mg.labels
@@ -607,7 +745,8 @@ class Distiller:
         student = vals[NUM_SCALARS:]
         if n_still > 0:
             self._restore(backup)
-            raise ValueError("the expert did not move between the start and target epochs "
+            kept = " on the parameters prune_rule keeps (lower prune_fraction)" if self.prune_mask is not None else ""
+            raise ValueError(f"the expert did not move between the start and target epochs{kept} "
                              "(‖θ*_t − θ*_{t+M}‖ = 0): check the buffer (are its epochs distinct snapshots?)")
         overflow = not (math.isfinite(L) and math.isfinite(dL_da) and grad_ok)
         if self.loss_scaler is not None:  # fp16: an overflow means S was too large, not that the run diverged
@@ -777,6 +916,8 @@ class Distiller:
 
     def save_checkpoint(self, path) -> Path:
         meta = {"iteration": self.iteration, "config": self.config.to_dict(), "history": asdict(self.history)}
+        if self.prune_counts is not None:  # parameter pruning: the pruned entries per parameter tensor
+            meta["prune_counts"] = self.prune_counts
         if self.loss_scaler is not None:
             meta["loss_scaler"] = self.loss_scaler.state_dict()
         return save_tensors(path, self._tensors(), f"{CHECKPOINT_FORMAT}/1", meta)

@@ -28,6 +28,13 @@ keyword of the call, not a protocol field (``EvalProtocol.to_dict()`` is what re
 compare); a result trained in bf16 says so in ``set_info["precision"]``. No "fp16" (it would need
 loss scaling): it exists for the distillation only.
 
+Texture sets (MTT §5, ``texture=True``): the images are toroidal canvases (n, C, Hc, Wc) larger than
+the networks' input (H, W). Every training batch is then a fresh random wrap-around crop of each of its
+canvases (one offset per canvas per batch, ``mttlite.texture.toroidal_crop``, seeded from the network's
+generator), taken before DSA: this is how the MTT authors train on textures (their ``utils.epoch``
+with ``texture=True`` rolls and crops every training batch the same way), and the only way a network
+with a fixed input size can learn from a canvas. ``train_acc`` is scored on the top-left crops.
+
 Networks with batch norm (ResNet-18, VGG-11 with ``norm="batchnorm"``) are trained in train
 mode and tested in eval mode (running statistics). Every random choice (initialisation, batch
 order, augmentation) comes from one ``torch.Generator`` per network, so a protocol seed gives
@@ -52,6 +59,7 @@ from .networks import ARCHS, get_network
 from .precision import autocast, check_precision
 from .ranks import process_group
 from .student import cross_entropy
+from .texture import crop_at, toroidal_crop
 
 #: DC/DSA/DM's evaluation learning rate, used when the set carries no learned α.
 DEFAULT_LR = 0.01
@@ -73,7 +81,7 @@ VAL_SEED = 0
 
 @dataclass
 class EvalProtocol:
-    """Everything that determines an evaluation number. Defaults: METHOD.md "Evaluation protocol".
+    """Everything that determines an evaluation number. Defaults: docs/method.md, "How a distilled set is judged".
 
     arch, width, depth, norm: the evaluation network (``networks.get_network``; None = its default)
     epochs:        E; the papers use 1000 with DSA (300 without)
@@ -228,9 +236,13 @@ def fresh_network(protocol: EvalProtocol, dataset, gen: torch.Generator) -> nn.M
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_set(images: Tensor, labels: Tensor, dataset) -> None:
+def _check_set(images: Tensor, labels: Tensor, dataset, texture: bool = False) -> None:
     shape = (dataset.channel, *dataset.im_size)
-    if images.dim() != 4 or tuple(images.shape[1:]) != shape:
+    if texture:  # canvases (n, C, Hc, Wc) with Hc ≥ H, Wc ≥ W
+        if images.dim() != 4 or images.shape[1] != shape[0] or any(a < b for a, b in zip(images.shape[2:], shape[1:])):
+            raise ValueError(f"texture canvases must have shape (n, {shape[0]}, Hc, Wc) with Hc >= {shape[1]} and "
+                             f"Wc >= {shape[2]} for {dataset.name}; got {tuple(images.shape)}")
+    elif images.dim() != 4 or tuple(images.shape[1:]) != shape:
         raise ValueError(f"images must have shape (n, {', '.join(map(str, shape))}) for {dataset.name}; got {tuple(images.shape)}")
     n, k = images.shape[0], dataset.num_classes
     if n == 0:
@@ -282,6 +294,7 @@ def train_epochs(
     strategy: str,
     progress: bool = False,
     precision: str = "fp32",
+    crop: tuple[int, int] | None = None,
 ) -> tuple[list[float], Tensor]:
     """The protocol's ``protocol.epochs`` epochs of :func:`train_step` on (x, y), on x's device.
 
@@ -289,7 +302,9 @@ def train_epochs(
     permutation of the n images from ``gen`` (CPU, then moved), batches of ``protocol.batch_size``,
     each augmented with a fresh DSA seed from ``gen`` (if ``strategy``). Returns η_e per epoch and
     totals (E,), a tensor on the device: totals[e] = Σ_b |B| ℓ_b. Nothing is read back to the
-    host, except (with ``progress``) one loss for the progress bar every E/10 epochs."""
+    host, except (with ``progress``) one loss for the progress bar every E/10 epochs.
+    ``crop`` = (H, W): x holds texture canvases; each batch is first a random toroidal crop of each
+    canvas, seeded by a draw from ``gen`` made before the batch's DSA seed (module docstring)."""
     n = x.shape[0]
     lr_per_epoch, totals = [], []
     report_every = max(1, protocol.epochs // 10)
@@ -303,7 +318,9 @@ def train_epochs(
         total = torch.zeros((), device=x.device)  # Σ_b |B| ℓ_b, summed on the device (no sync per step)
         for idx in torch.randperm(n, generator=gen).split(protocol.batch_size):
             idx = idx.to(x.device, non_blocking=True)  # a fresh CPU tensor: no need to wait for the device
-            xb = x[idx]  # (B, C, H, W)
+            xb = x[idx]  # (B, C, H, W); texture: canvases (B, C, Hc, Wc)
+            if crop is not None:
+                xb = toroidal_crop(xb, crop, _draw_int(gen))  # (B, C, H, W), a fresh offset per canvas
             if strategy:
                 xb = dsa(xb, strategy, seed=_draw_int(gen))  # A_ω(x_B), a fresh ω per batch
             total += train_step(model, opt, xb, y[idx], precision) * idx.numel()
@@ -324,6 +341,7 @@ def train_on_set(
     device=None,
     progress: bool = False,
     precision: str = "fp32",
+    texture: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Train one fresh network on (images, labels) only, as the protocol says.
 
@@ -333,12 +351,14 @@ def train_on_set(
     comes from ``torch.Generator().manual_seed(seed)``; the draws are made on the CPU and moved
     to ``device``. The epochs are :func:`train_epochs`; their losses stay on the device and are
     read once, after the last epoch. ``precision``: "fp32" (default) or "bf16" (module docstring).
+    ``texture``: images are canvases (n, C, Hc, Wc); every batch is a fresh random toroidal crop of them
+    to the dataset's (H, W) (one more seed drawn per batch); train_acc is on the top-left crops.
 
     Returns the trained network (eval mode) and ``info``: lr_per_epoch, loss_per_epoch (mean
     training loss on the augmented batches), train_acc (un-augmented set), dsa_strategy, seed, seconds.
     """
     t0 = time.perf_counter()
-    _check_set(images, labels, dataset)
+    _check_set(images, labels, dataset, texture)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     device = torch.device(device) if device is not None else images.device
@@ -350,7 +370,8 @@ def train_on_set(
 
     model = fresh_network(protocol, dataset, gen).to(device, non_blocking=True)  # fresh CPU tensors: no wait
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
-    lr_per_epoch, totals = train_epochs(model, opt, x, y, protocol, lr, gen, strategy, progress, precision)
+    crop = tuple(dataset.im_size) if texture else None
+    lr_per_epoch, totals = train_epochs(model, opt, x, y, protocol, lr, gen, strategy, progress, precision, crop)
     loss_per_epoch = [t / n for t in totals.tolist()]  # the run's one read of the losses
 
     model.eval()
@@ -358,7 +379,7 @@ def train_on_set(
         "seed": int(seed),
         "lr_per_epoch": lr_per_epoch,
         "loss_per_epoch": loss_per_epoch,
-        "train_acc": test_accuracy(model, x, hard_labels(y)),
+        "train_acc": test_accuracy(model, x if crop is None else crop_at(x, crop, 0, 0), hard_labels(y)),
         "dsa_strategy": strategy,
         "seconds": time.perf_counter() - t0,
     }
@@ -439,6 +460,7 @@ def evaluate_set(
     device=None,
     progress: bool = True,
     precision: str = "fp32",
+    texture: bool = False,
 ) -> EvalResult:
     """Train ``protocol.num_nets`` fresh networks on (images, labels) and score them on the real test set.
 
@@ -446,10 +468,11 @@ def evaluate_set(
     protocol: None -> ``EvalProtocol()``, the papers' protocol.
     lr: the set's learned α (None for a set without one); ``protocol.lr`` overrides it.
     precision: "fp32" (default) or "bf16", the networks' training arithmetic (module docstring).
+    texture: images are toroidal canvases (n, C, Hc, Wc), trained on through random crops (module docstring).
     """
     t0 = time.perf_counter()
     protocol = EvalProtocol() if protocol is None else protocol
-    _check_set(images, labels, dataset)
+    _check_set(images, labels, dataset, texture)
     _check_precision(precision, device if device is not None else images.device)
     eta = resolve_lr(protocol, lr)
     if protocol.val_fraction > 0:
@@ -469,7 +492,8 @@ def evaluate_set(
     rows = {}
     nets = tqdm(mine, desc=f"evaluating {protocol.arch}", disable=not progress or rank != 0)
     for i in nets:
-        model, info = train_on_set(images, labels, dataset, protocol, eta, seeds[i], device=device, precision=precision)
+        model, info = train_on_set(images, labels, dataset, protocol, eta, seeds[i], device=device, precision=precision,
+                                   texture=texture)
         acc = test_accuracy(model, dataset.test_images, dataset.test_labels)
         rows[i] = (acc, info["train_acc"], test_accuracy(model, *val) if val is not None else None)
         if progress:
@@ -490,6 +514,8 @@ def evaluate_set(
     }
     if precision != "fp32":  # only then: fp32 results keep the keys they always had
         set_info["precision"] = precision
+    if texture:  # likewise: the canvas size, the crops taken of it
+        set_info["texture"] = {"canvas": list(images.shape[-2:]), "input": list(dataset.im_size)}
     return EvalResult(
         accs=accs,
         mean=float(np.mean(accs)),

@@ -486,7 +486,9 @@ def train_experts(
         "weight_decay": float(weight_decay),
         "batch_real": int(batch_real),
         "dsa_strategy": strategy,
-        "dsa_params": dataclasses.asdict(augment.DSAParams()),
+        # the experts' augmentation settings; texture_crop (a distillation-only option) is not one of
+        # them, and recording it would make every buffer written before it existed look different
+        "dsa_params": {k: v for k, v in dataclasses.asdict(augment.DSAParams()).items() if k != "texture_crop"},
         "dsa_mode": "S",
         "seed": int(seed),
         "dtype": dtype,

@@ -38,6 +38,15 @@ the same N-step backward loop with λ_n = 0 for n > n* and ∂L/∂θ̂_{n*} inj
 so the N − n* steps after n* contribute exact zeros. Starting the loop at n* instead would save
 those steps but needs n* on the host: a sync per iteration, which this module never makes.
 
+``mask`` (parameter pruning, ``mttlite.pruning``): m ∈ {0,1}^P, a (P,) bool tensor; L becomes
+L_m = ‖m ⊙ (θ̂_N − θ*_{t+M})‖² / ‖m ⊙ (θ*_t − θ*_{t+M})‖² (numerator and denominator) and the
+adjoint starts from λ_N = 2 m ⊙ (θ̂_N − θ*_{t+M}) / ‖m ⊙ (θ*_t − θ*_{t+M})‖²; nothing else changes
+(the student still steps on every parameter, so λ_i for i < N is dense). With ``auto_steps`` the
+closest step is chosen on the masked distance too, n* = argmin_n ‖m ⊙ (θ̂_n − θ*_{t+M})‖²: it is the
+step of smallest L_m, the loss being minimised (the unmasked distance could pick a step whose L_m
+is larger, steered by the parameters the mask says to ignore). An all-True mask is bit-identical
+to none.
+
 Either mode takes ``kernels`` (:class:`mttlite.kernels.StepKernels`, ``torch.compile``-d
 ``torch.func`` functions of one step): the same arithmetic with the elementwise work fused. Without
 it every step runs eagerly; ``docs/performance.md`` measures which combination is fastest where.
@@ -69,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from .augment import DSAParams, dsa
-from .matching import matching_loss
+from .matching import apply_mask, matching_loss
 from .params import ParamSpec
 from .precision import check_loss_scale, check_precision
 from .student import (
@@ -110,6 +119,7 @@ def meta_gradient(
     auto_steps: bool = False,
     precision: str = "fp32",
     loss_scale: float | None = None,
+    mask: Tensor | None = None,
 ) -> MetaGradient:
     """L and its gradient w.r.t. ``images``, ``labels`` (if floating and requiring grad) and ``syn_lr``.
 
@@ -121,6 +131,8 @@ def meta_gradient(
     ``precision``: "fp32" (default), "bf16" or "fp16" (module docstring); ``kernels`` must have been
     built with the same one. ``loss_scale``: S (a power of two; None: 1) for fp16; the result is
     unscaled, and non-finite when S was too large for fp16 (check, or use ``precision.LossScaler``).
+    ``mask``: (P,) bool on θ's device, True where θ is matched (parameter pruning; module docstring);
+    None: every parameter.
 
     Device: everything runs on ``images.device`` (the plan's indices are moved there once) and
     nothing inside the N-step loops reads a value back to the host, so a GPU never waits for the CPU.
@@ -128,9 +140,10 @@ def meta_gradient(
     check_precision(precision, images.device)
     scale = check_loss_scale(loss_scale)
     _check_kernels(kernels, precision)
+    _check_mask(mask, theta_start)
     plan = plan.to(images.device)
     args = (model, spec, theta_start, theta_target, images, labels, syn_lr, plan, dsa_strategy, dsa_params, kernels,
-            auto_steps, precision, scale)
+            auto_steps, precision, scale, mask)
     if mode == "unroll":
         return _unroll_gradient(*args)
     if mode == "exact":
@@ -142,14 +155,22 @@ def _learn_labels(labels: Tensor) -> bool:
     return labels.is_floating_point() and labels.requires_grad
 
 
-def closest_step(path: Tensor, theta_target: Tensor) -> tuple[Tensor, Tensor]:
-    """ATT's stopping step: i = argmin_n ‖θ̂_n − θ*_{t+M}‖² over the rows of ``path`` (first on ties).
+def _check_mask(mask: Tensor | None, theta: Tensor) -> None:
+    """A prune mask must be a (P,) bool tensor on θ's device (metadata only: no host read)."""
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != theta.shape or mask.device != theta.device):
+        raise ValueError(f"mask must be a bool tensor of θ's shape {tuple(theta.shape)} on {theta.device}, "
+                         f"got {mask.dtype} of shape {tuple(mask.shape)} on {mask.device}")
+
+
+def closest_step(path: Tensor, theta_target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ATT's stopping step: i = argmin_n ‖θ̂_n − θ*_{t+M}‖² over the rows of ``path`` (first on ties);
+    with a prune ``mask`` (P,) bool, on the masked distance ‖m ⊙ (θ̂_n − θ*_{t+M})‖² (module docstring).
 
     path: (N, P), row n−1 = θ̂_n (n = 1 … N); theta_target: (P,). Returns (n*, θ̂_{n*}) with
     n* = i + 1 a 0-dim int64 tensor and θ̂_{n*} (P,) a row of ``path`` (in its graph, if any),
     both on the device: no host read.
     """
-    dist = (path.detach() - theta_target).pow(2).sum(1)  # ‖θ̂_n − θ*_{t+M}‖², (N,)
+    dist = apply_mask(path.detach() - theta_target, mask).pow(2).sum(1)  # ‖m ⊙ (θ̂_n − θ*_{t+M})‖², (N,)
     i = dist.argmin().reshape(1)
     return i[0] + 1, path.index_select(0, i)[0]
 
@@ -160,7 +181,7 @@ def _steps_tensor(plan: StepPlan, like: Tensor) -> Tensor:
 
 
 def _unroll_gradient(model, spec, theta_start, theta_target, images, labels, syn_lr, plan, dsa_strategy, dsa_params,
-                     kernels=None, auto_steps=False, precision="fp32", scale=1.0):
+                     kernels=None, auto_steps=False, precision="fp32", scale=1.0, mask=None):
     """Reference: back-propagate through the whole N-step second-order graph (with ``auto_steps``:
     through θ̂_{n*}, picked from the path θ̂_1 … θ̂_N kept in the graph)."""
     x = images.detach().requires_grad_(True)
@@ -169,10 +190,10 @@ def _unroll_gradient(model, spec, theta_start, theta_target, images, labels, syn
     res = unroll(model, spec, theta_start, x, y, lr, plan, dsa_strategy, dsa_params, create_graph=True, kernels=kernels,
                  return_path=auto_steps, path_graph=True, precision=precision, loss_scale=scale)
     if auto_steps:
-        steps, theta = closest_step(torch.stack(res.path[1:]), theta_target)  # n*, θ̂_{n*}
+        steps, theta = closest_step(torch.stack(res.path[1:]), theta_target, mask)  # n*, θ̂_{n*}
     else:
         steps, theta = _steps_tensor(plan, x), res.theta
-    loss = matching_loss(theta, theta_start, theta_target, check=False)  # den = 0: the caller's check
+    loss = matching_loss(theta, theta_start, theta_target, check=False, mask=mask)  # den = 0: the caller's check
     inputs = [x, lr] + ([y] if y.requires_grad else [])
     if scale == 1.0:
         grads = torch.autograd.grad(loss, inputs)
@@ -182,7 +203,7 @@ def _unroll_gradient(model, spec, theta_start, theta_target, images, labels, syn
 
 
 def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, syn_lr, plan, dsa_strategy, dsa_params,
-                      kernels=None, auto_steps=False, precision="fp32", scale=1.0):
+                      kernels=None, auto_steps=False, precision="fp32", scale=1.0, mask=None):
     """Exact gradient with one step's activations alive at a time (see module docstring)."""
     check_stateless(model)
     x_all, alpha = images.detach(), syn_lr.detach()
@@ -207,16 +228,16 @@ def _adjoint_gradient(model, spec, theta_start, theta_target, images, labels, sy
         torch.sub(thetas[i], alpha * g, out=thetas[i + 1])  # θ_{i+1} = θ_i − α g_i
         losses.append(loss_i.detach())
 
-    den = (theta_start - theta_target).pow(2).sum()
+    den = apply_mask(theta_start - theta_target, mask).pow(2).sum()  # ‖m ⊙ (θ*_t − θ*_{t+M})‖² (m = 1 without a mask)
     if auto_steps:  # ATT: L at n*; λ_n = 0 after n*, ∂L/∂θ_{n*} injected at n* (module docstring)
-        steps, theta_n = closest_step(thetas[1:], theta_target)
-        inject = 2 * (theta_n - theta_target) / den  # ∂L/∂θ_{n*}
+        steps, theta_n = closest_step(thetas[1:], theta_target, mask)
+        inject = 2 * apply_mask(theta_n - theta_target, mask) / den  # ∂L/∂θ_{n*} = 2 m ⊙ (θ_{n*} − θ*_{t+M}) / den
         at = (torch.arange(N + 1, device=steps.device) == steps).to(inject.dtype)  # [n = n*], (N+1,)
         lam = at[N] * inject  # λ_N
     else:
         steps, theta_n = _steps_tensor(plan, x_all), thetas[N]
-        lam = 2 * (theta_n - theta_target) / den  # λ_N = ∂L/∂θ_N
-    loss = (theta_n - theta_target).pow(2).sum() / den
+        lam = 2 * apply_mask(theta_n - theta_target, mask) / den  # λ_N = ∂L/∂θ_N = 2 m ⊙ (θ_N − θ*_{t+M}) / den
+    loss = apply_mask(theta_n - theta_target, mask).pow(2).sum() / den  # L = ‖m ⊙ (θ_N − θ*_{t+M})‖² / den
     if scale != 1.0:  # loss scaling: λ̃ = S λ from here on (module docstring)
         lam = lam * scale
         if auto_steps:

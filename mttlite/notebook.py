@@ -1,4 +1,4 @@
-"""What the notebooks share: the device, Colab, and the "Open in Colab" badges.
+"""What the notebooks share: the device, Colab, the expert cache, and the "Open in Colab" badges.
 
 The repository's URL is set in ONE place, ``[project.urls] Repository`` in ``pyproject.toml``.
 Two lines of every notebook are written from it, because they must work before mttlite is
@@ -7,10 +7,20 @@ installed: the badge at the top of the first cell and ``MTTLITE_REQUIREMENT`` in
 which also rewrites the badge in ``README.md``), and ``tests/test_notebooks.py`` fails when one of
 them no longer matches the setting. So moving the repository is: edit ``pyproject.toml``, run
 ``make notebooks``.
+
+Colab installs ``mttlite[colab]``: the package and the light ``colab`` extra (plotly, ipywidgets,
+tqdm), not the ``notebooks`` extra (JupyterLab, papermill, jupytext are of no use there).
+
+The expert cache. Every notebook keeps its expert buffers under ``buffer_root``, by default
+``runs/notebooks/buffers`` (``BUFFER_ROOT``) in its working directory, which a Colab session
+forgets. ``setup(expert_cache=PATH)``, or the environment variable ``MTTLITE_EXPERT_CACHE=PATH``,
+makes that folder a link to PATH, e.g. a folder on Google Drive; on Colab, a PATH under
+``/content/drive`` mounts Drive first (Colab asks for permission). Nothing touches Drive at import.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -20,6 +30,14 @@ BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 _ROOT = Path(__file__).resolve().parents[1]  # the checkout (pyproject.toml, notebooks/, README.md)
 _BADGE_LINE = re.compile(r"^(# )?\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)$", re.M)
 _REQUIREMENT_LINE = re.compile(r'^MTTLITE_REQUIREMENT = ".*"$', re.M)
+#: The extra Colab installs (pyproject.toml's [project.optional-dependencies] colab).
+COLAB_EXTRA = "colab"
+#: The notebooks' default ``buffer_root`` (relative to their working directory): the expert cache.
+BUFFER_ROOT = "runs/notebooks/buffers"
+#: The environment variable naming a folder to keep the expert cache in (e.g. on Google Drive).
+EXPERT_CACHE_ENV = "MTTLITE_EXPERT_CACHE"
+#: Where Colab mounts Google Drive.
+DRIVE_MOUNT = "/content/drive"
 
 
 # -- the setting ----------------------------------------------------------------------------------
@@ -62,8 +80,9 @@ def colab_badge(path: str, url: str | None = None) -> str:
 
 
 def pip_requirement(url: str | None = None) -> str:
-    """What Colab installs: the package alone, no ``[notebooks]`` extra (Colab has plotly and ipywidgets)."""
-    return f"mttlite @ git+https://github.com/{_github(url or repository_url())}.git"
+    """What Colab installs: the package with the light ``[colab]`` extra (plotly, ipywidgets, tqdm), not
+    ``[notebooks]`` (JupyterLab, papermill and jupytext are not needed on Colab)."""
+    return f"mttlite[{COLAB_EXTRA}] @ git+https://github.com/{_github(url or repository_url())}.git"
 
 
 # -- in the notebook ------------------------------------------------------------------------------
@@ -73,12 +92,61 @@ def on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def setup() -> str:
+def expert_cache_dir(expert_cache: str | os.PathLike | None = None) -> Path | None:
+    """The folder to keep expert buffers in: ``expert_cache``, else ``$MTTLITE_EXPERT_CACHE``, else None
+    (the notebooks' own ``runs/notebooks/buffers``). ``~`` is expanded."""
+    value = expert_cache if expert_cache is not None else os.environ.get(EXPERT_CACHE_ENV) or None
+    return None if value is None else Path(value).expanduser()
+
+
+def needs_drive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies on Google Drive as Colab mounts it (under ``/content/drive``)."""
+    parts, mount = Path(path).absolute().parts, Path(DRIVE_MOUNT).parts
+    return parts[: len(mount)] == mount
+
+
+def mount_drive() -> None:
+    """Mount Google Drive at ``/content/drive`` (Colab asks the user for permission), unless it is mounted."""
+    if not (Path(DRIVE_MOUNT) / "MyDrive").is_dir():
+        from google.colab import drive
+
+        drive.mount(DRIVE_MOUNT)
+
+
+def link_expert_cache(target: str | os.PathLike, link: str | os.PathLike = BUFFER_ROOT) -> Path:
+    """Make ``link`` (the notebooks' ``buffer_root``, relative to the working directory) a symbolic link
+    to the folder ``target`` (created if missing), so experts trained there outlive the session.
+
+    An existing link is re-pointed and an empty folder replaced; a folder that already holds files is
+    left alone (ValueError: move its contents to ``target`` first, or remove it). Returns ``link``."""
+    target, link = Path(target).expanduser().absolute(), Path(link)
+    target.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        if link.resolve() == target.resolve():
+            return link
+        link.unlink()
+    elif link.is_dir():
+        if any(link.iterdir()):
+            raise ValueError(f"expert cache: {link} already holds files; move them to {target} (or remove them) "
+                             f"to keep the experts there")
+        link.rmdir()
+    elif link.exists():
+        raise ValueError(f"expert cache: {link} is a file, not a folder; remove it")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+def setup(expert_cache: str | os.PathLike | None = None) -> str:
     """Pick the device, say which, and prepare the front end; returns ``"cuda"`` or ``"cpu"``.
 
     The device is ``"cuda" if torch.cuda.is_available() else "cpu"``. On Colab this turns on its
     custom widget manager (ipywidgets, tqdm's progress bars); elsewhere plotly figures embed
     plotly.js, so they render in JupyterLab, in nbconvert's HTML and offline.
+
+    expert_cache: a folder to keep the expert buffers in (default ``$MTTLITE_EXPERT_CACHE``; none: the
+    notebooks' ``runs/notebooks/buffers``), e.g. ``"/content/drive/MyDrive/mttlite/buffers"``: on Colab
+    Drive is mounted first, then ``runs/notebooks/buffers`` becomes a link to it (``link_expert_cache``).
     """
     import torch
 
@@ -97,6 +165,11 @@ def setup() -> str:
             pio.renderers.default = "plotly_mimetype+notebook"
         except ImportError:
             pass
+    cache = expert_cache_dir(expert_cache)
+    if cache is not None:
+        if on_colab() and needs_drive(cache):
+            mount_drive()
+        print(f"expert cache: {link_expert_cache(cache)} -> {cache}")
     if device == "cuda":
         print(f"device: cuda ({torch.cuda.get_device_name()}), torch {torch.__version__}")
     else:

@@ -21,6 +21,7 @@ from .evaluate import EvalProtocol, evaluate_random_real
 from .experts import train_experts
 from .io import atomic_write
 from .networks import get_network
+from .report import clear_snapshots, snapshot_iterations, snapshot_path, write_run_report
 from .synset import SyntheticSet
 
 
@@ -48,13 +49,14 @@ def make_distiller(config: DistillConfig, buffer: ExpertBuffer | str | Path, dat
 
 def to_synset(d: Distiller, buffer: ExpertBuffer) -> SyntheticSet:
     """The distiller's current state as a self-describing artefact: its images (their EMA with
-    ``ema_decay``), its labels (soft, (n, K) = softmax of the learned logits, with ``soft_labels``) and α."""
+    ``ema_decay``), its labels (soft, (n, K) = softmax of the learned logits, with ``soft_labels``) and α;
+    with ``texture_canvas`` the canvases and their ``texture`` record."""
     ds = d.dataset
     return SyntheticSet(
         images=d.synset_images.cpu().clone(), labels=d.targets.cpu().clone(), syn_lr=float(d.syn_lr.item()),
         dataset=ds.name, class_names=list(ds.class_names), mean=tuple(ds.mean), std=tuple(ds.std),
         zca=ds.zca, arch=buffer.meta["arch"], arch_kwargs=dict(buffer.meta.get("arch_kwargs", {})), method="mtt",
-        config=d.config.to_dict(),
+        config=d.config.to_dict(), texture=d.texture,
         provenance={"mttlite": __version__, "torch": torch.__version__, "iterations": d.iteration,
                     "seconds": round(sum(d.history.seconds), 3), "buffer": str(buffer.path),
                     "experts": len(buffer), "final_loss": d.history.loss[-1] if d.history.loss else None,
@@ -62,11 +64,37 @@ def to_synset(d: Distiller, buffer: ExpertBuffer) -> SyntheticSet:
     )
 
 
+def snapshot_callback(d: Distiller, buffer: ExpertBuffer, out_dir, resume: bool = True):
+    """A ``run`` callback writing the picture of the set (``to_synset``'s images, i.e. the EMA with
+    ``ema_decay``) to ``out_dir/snapshots/`` at ``report.snapshot_iterations``, iteration 0 (the initial
+    images, taken now) included. Nothing is written before the first iteration has run, so a run refused
+    on bad input (a damaged buffer) leaves no folder behind; then a fresh start (no checkpoint to resume)
+    first removes old snapshots."""
+    keep = set(snapshot_iterations(d.config.iterations))
+    fresh = not (resume and (Path(out_dir) / "checkpoint.safetensors").exists())
+    pending = [to_synset(d, buffer)]  # the initial images (a function of the seed, so also right on resume)
+
+    def snapshot(info) -> None:
+        if pending:
+            if fresh:
+                clear_snapshots(out_dir)
+            if fresh or not snapshot_path(out_dir, 0).exists():
+                pending[0].save_png_grid(snapshot_path(out_dir, 0))
+            pending.clear()
+        if info.iteration in keep:
+            to_synset(d, buffer).save_png_grid(snapshot_path(out_dir, info.iteration))
+
+    return snapshot
+
+
 def distill_set(config: DistillConfig, buffer, out_dir=None, dataset=None, data_root="data", device="cpu",
                 callbacks=(), progress=True, resume=True) -> SyntheticSet:
-    """Distil, checkpointing into ``out_dir`` (resumable), and save ``out_dir/synset.safetensors``."""
+    """Distil, checkpointing into ``out_dir`` (resumable), and save ``out_dir/synset.safetensors`` and
+    pictures of the set at a few iterations (``out_dir/snapshots/``, for ``report.write_run_report``)."""
     buffer = buffer if isinstance(buffer, ExpertBuffer) else ExpertBuffer.open(buffer)
     d = make_distiller(config, buffer, dataset, data_root, device)
+    if out_dir is not None and d.rank == 0:
+        callbacks = (*callbacks, snapshot_callback(d, buffer, out_dir, resume))
     run(d, out_dir, resume=resume, callbacks=callbacks, progress=progress)
     s = to_synset(d, buffer)
     if out_dir is not None and d.rank == 0:  # under torch.distributed every rank holds the same set
@@ -99,6 +127,10 @@ def run_demo(out="runs/demo", device="cpu", progress=True) -> dict:
     res_rand = evaluate_random_real(ds, config.ipc, protocol, progress=progress)
     t3 = time.perf_counter()
     synset.save_png_grid(out / "synset.png")
+    facts = [("MTT distilled, test accuracy", f"{100 * res_mtt.mean:.1f} ± {100 * res_mtt.std:.1f} %"),
+             ("random real, test accuracy", f"{100 * res_rand.mean:.1f} ± {100 * res_rand.std:.1f} %"),
+             ("evaluation", protocol.describe())]
+    write_run_report(out / "distill", out / "report.html", facts, title="mttlite demo")
     summary = {
         "mtt": {"mean": res_mtt.mean, "std": res_mtt.std, "accs": res_mtt.accs, "lr": res_mtt.lr},
         "random_real": {"mean": res_rand.mean, "std": res_rand.std, "accs": res_rand.accs, "lr": res_rand.lr},
@@ -110,6 +142,6 @@ def run_demo(out="runs/demo", device="cpu", progress=True) -> dict:
     print(f"\nIPC {config.ipc}, final test accuracy over {protocol.num_nets} fresh ConvNets ({protocol.epochs} epochs):")
     print(f"  MTT distilled   {res_mtt.mean * 100:5.1f} ± {res_mtt.std * 100:.1f} %")
     print(f"  random real     {res_rand.mean * 100:5.1f} ± {res_rand.std * 100:.1f} %")
-    print(f"wrote {out / 'distill' / 'synset.safetensors'}, {out / 'synset.png'}, {out / 'results.json'} "
+    print(f"wrote {out / 'distill' / 'synset.safetensors'}, {out / 'synset.png'}, {out / 'report.html'}, {out / 'results.json'} "
           f"({t3 - t0:.0f}s in all)")
     return summary

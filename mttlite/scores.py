@@ -192,7 +192,8 @@ def measure_scores(synset, dataset, protocol: EvalProtocol, base: EvalResult | N
     syn_any = base if base is not None else synset.evaluate(dataset, protocol, **kw)
     runs["syn_any"], acc["syn_any"] = syn_any.to_dict(), syn_any.mean
     if synset.labels.is_floating_point():  # a soft-labelled set, trained on its arg-max classes
-        syn_hard = evaluate_set(synset.images, hard_labels(synset.labels), dataset, protocol, lr=synset.syn_lr, **kw)
+        syn_hard = evaluate_set(synset.images, hard_labels(synset.labels), dataset, protocol, lr=synset.syn_lr,
+                                texture=synset.texture is not None, **kw)  # a texture set trains on crops
         runs["syn_hard"], acc["syn_hard"] = syn_hard.to_dict(), syn_hard.mean
     else:
         acc["syn_hard"] = acc["syn_any"]

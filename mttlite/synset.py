@@ -13,6 +13,11 @@ so the artefact carries that space too: mean, std and the fitted ZCA (μ, W, W�
 need nothing but the file. The file is one ``.safetensors``: tensors ``images``, ``labels`` and
 ``zca.*``; every other field is JSON in the header's metadata under ``"mttlite"``, tagged
 ``"mttlite-synset/1"`` (see ``io.py``). No pickle anywhere; writes are atomic.
+
+A texture set (MTT §5, ``mttlite.texture``) holds canvases (n, C, Hc, Wc) larger than the networks'
+input (H, W), and records ``texture = {"canvas": [Hc, Wc], "input": [H, W]}`` (absent in files written
+before it: None). Its evaluation trains on random toroidal crops of the canvases; its PNG grid shows
+every canvas tiled 3 × 3, so a seam would show.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from .evaluate import (
     hard_labels,
     random_real_subset,
 )
-from .io import atomic_write, load_tensors, make_tmp_dir, save_tensors
+from .io import load_tensors, make_tmp_dir, save_tensors
+from .texture import tile
 from .zca import ZCA
 
 FORMAT = "mttlite-synset"  # file tag: FORMAT + "/1"
@@ -74,6 +80,8 @@ class SyntheticSet:
     syn_lr: learned α; None for coresets / baselines (evaluation then uses 0.01)
     mean, std: per-channel affine map p -> (p − mean) / std (length C); zca: applied after it
     arch, arch_kwargs: the network it was distilled with; method, config: how; provenance: when/where
+    texture: None, or for a texture set {"canvas": [Hc, Wc], "input": [H, W]}: images are (n, C, Hc, Wc)
+        toroidal canvases, seen by the networks through (H, W) wrap-around crops
     """
 
     images: Tensor
@@ -89,6 +97,7 @@ class SyntheticSet:
     method: str = "mtt"
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    texture: dict | None = None
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
@@ -109,6 +118,8 @@ class SyntheticSet:
             raise ValueError(f"labels must lie in [0, {k}) for {k} class names; got [{int(y.min())}, {int(y.max())}]")
         if len(self.mean) != c or len(self.std) != c:
             raise ValueError(f"mean and std need one value per channel (C = {c}); got {self.mean}, {self.std}")
+        if self.texture is not None:
+            self.texture = _check_texture(self.texture, tuple(x.shape[-2:]), self.zca)
         if self.zca is not None and self.zca.dim != x[0].numel():
             raise ValueError(f"the ZCA was fitted on D = {self.zca.dim} values per image, the images have {x[0].numel()}")
         # Who made this, when: filled once at creation, kept unchanged by save/load.
@@ -158,6 +169,7 @@ class SyntheticSet:
             tensors.update(self.zca.to_tensors())
         meta = {name: _jsonable(getattr(self, name)) for name in _META_FIELDS}
         meta["zca_eps"] = None if self.zca is None else self.zca.eps
+        meta["texture"] = self.texture
         return save_tensors(path, tensors, f"{FORMAT}/1", meta)
 
     @classmethod
@@ -175,7 +187,8 @@ class SyntheticSet:
         zca = None
         if meta.get("zca_eps") is not None:
             zca = ZCA.from_tensors({k: v for k, v in tensors.items() if k.startswith("zca.")}, meta["zca_eps"])
-        return cls(images=tensors["images"], labels=tensors["labels"], zca=zca, **{k: meta[k] for k in _META_FIELDS})
+        return cls(images=tensors["images"], labels=tensors["labels"], zca=zca, texture=meta.get("texture"),
+                   **{k: meta[k] for k in _META_FIELDS})
 
     # -- looking at it -------------------------------------------------------------------------
 
@@ -189,30 +202,17 @@ class SyntheticSet:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
         return (x * std + mean).clamp(0.0, 1.0)  # p = x · std + mean
 
-    def _by_class(self) -> tuple[Tensor, Tensor]:
-        """Images sorted by (arg-max) class, stable: (order (n,), hard labels (n,))."""
-        y = hard_labels(self.labels).cpu()
-        order = torch.sort(y, stable=True).indices
-        return order, y
-
-    def save_png_grid(self, path, nrow: int | None = None) -> Path:
-        """A PNG with one row per class and ``ipc`` columns (torchvision ``save_image``), atomically.
-
-        nrow: images per row, torchvision's meaning; default ``ipc``. Classes with fewer than ipc
-        images are padded with black tiles, so row r is always class r.
-        """
-        from torchvision.utils import save_image
+    def save_png_grid(self, path, scale: int | None = None, names: bool = True) -> Path:
+        """A PNG picture of the set, atomically: row r holds class r's images (arg-max class for soft
+        labels), in storage order, one column per image, each upscaled ``scale``× (nearest; None: at
+        least 112 px a side), the class names at the left (``names``). Layout: ``mttlite.grid``.
+        A texture set shows each canvas tiled 3 × 3 (``texture.tile``): a seamless texture shows no seam."""
+        from .grid import save_png
 
         p = self.pixels().cpu()
-        order, y = self._by_class()
-        ipc = self.ipc
-        grid = torch.zeros(self.num_classes * ipc, *p.shape[1:])
-        filled = [0] * self.num_classes
-        for i in order.tolist():
-            c = int(y[i])
-            grid[c * ipc + filled[c]] = p[i]
-            filled[c] += 1
-        return atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=nrow or ipc, format="png"))
+        if self.texture is not None:
+            p = tile(p, 3)  # (n, C, 3 Hc, 3 Wc)
+        return save_png(path, p, hard_labels(self.labels).cpu(), self.class_names, scale, names)
 
     def export_imagefolder(self, out_dir) -> Path:
         """Write out_dir/<class>/<i>.png for every image, loadable by ``torchvision.datasets.ImageFolder``.
@@ -261,7 +261,7 @@ class SyntheticSet:
         problems = []
         if dataset.name != self.dataset:
             problems.append(f"it was distilled from {self.dataset!r}, not {dataset.name!r}")
-        shape = (self.images.shape[1], *self.images.shape[2:])
+        shape = (self.images.shape[1], *(self.texture["input"] if self.texture else self.images.shape[2:]))
         if (dataset.channel, *dataset.im_size) != tuple(shape):
             problems.append(f"its images are {tuple(shape)}, the dataset's {(dataset.channel, *dataset.im_size)}")
         if dataset.num_classes != self.num_classes:
@@ -287,11 +287,31 @@ class SyntheticSet:
         """Train ``protocol.num_nets`` fresh networks on this set (lr α, or 0.01 if none) and score them.
 
         protocol: None -> ``EvalProtocol()``; kw: ``device``, ``progress`` (see ``evaluate.evaluate_set``).
+        A texture set trains on random toroidal crops of its canvases (``evaluate_set(texture=True)``).
         """
         self.check_dataset(dataset)
-        result = evaluate_set(self.images, self.labels, dataset, protocol, lr=self.syn_lr, **kw)
+        result = evaluate_set(self.images, self.labels, dataset, protocol, lr=self.syn_lr,
+                              texture=self.texture is not None, **kw)
         result.set_info.update(method=self.method, ipc=self.ipc, distill_arch=self.arch)
         return result
+
+
+def _check_texture(texture, canvas_hw: tuple[int, int], zca) -> dict:
+    """``texture`` as {"canvas": [Hc, Wc], "input": [H, W]} of ints, checked against the images' (Hc, Wc)."""
+    try:
+        out = {key: [int(v) for v in texture[key]] for key in ("canvas", "input")}
+        if not all(len(v) == 2 for v in out.values()):
+            raise ValueError
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"texture must be None or {{'canvas': [Hc, Wc], 'input': [H, W]}}, got {texture!r}") from None
+    (Hc, Wc), (H, W) = out["canvas"], out["input"]
+    if (Hc, Wc) != tuple(canvas_hw):
+        raise ValueError(f"texture canvas {Hc}x{Wc} does not match the images' {canvas_hw[0]}x{canvas_hw[1]}")
+    if not (1 <= H <= Hc and 1 <= W <= Wc):
+        raise ValueError(f"a texture's input {H}x{W} must fit its canvas {Hc}x{Wc}")
+    if zca is not None:
+        raise ValueError("a texture set cannot carry a ZCA whitening (it acts on whole HxW images, not on canvases)")
+    return out
 
 
 def _close(a, b) -> bool:

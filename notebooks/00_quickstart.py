@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -10,6 +16,10 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/00_quickstart.ipynb)
 #
 # # 00 · Quickstart: distil Fashion-MNIST into 10 images
+#
+# **In the paper:** the whole of Algorithm 1 (experts → distillation), judged the way every accuracy
+# of Table 1 is judged (fresh networks trained on the set alone, next to random real images); the
+# symbols ($\tau^*$, $N$, $M$, $T^+$, $\alpha$) are defined in [`docs/method.md`](../docs/method.md).
 #
 # **Dataset distillation by Matching Training Trajectories** (MTT, Cazenavette et al., CVPR 2022)
 # learns a tiny synthetic set $\mathcal{D}_\text{syn}$ — here **one image per class** — such that a
@@ -44,7 +54,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -215,6 +225,71 @@ real_images, real_labels = random_real_subset(ds, ipc, seed=seed)
 show_images(real_images, real_labels, "the random real baseline")
 
 # %% [markdown]
+# ## Exercises
+#
+# Each exercise has a cell for your answer: replace `None` with your code. As shipped, the cell
+# falls back to the hidden solution (the collapsed cell below; open it after trying), so the
+# notebook runs end to end. The cell after it checks the answer against the library and prints
+# "correct".
+#
+# **Exercise 1 · Two losses you can predict.** A student that never moves stays at $\theta^*_t$;
+# another lands exactly on $\theta^*_{t+M}$. What is $\mathcal{L}$ for each? Write
+# `answer_1 = (L_still, L_on_target)`, two numbers, without running anything.
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+def _solution_1():
+    # L = ‖θ̂ − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²: the numerator equals the denominator when θ̂ = θ*_t,
+    # and is 0 when θ̂ = θ*_{t+M}
+    return (1.0, 0.0)
+
+
+def _solution_2(images):
+    """p = clamp(x σ + μ, 0, 1), per channel; images: (n, C, H, W) normalised -> (n, C, H, W) in [0, 1]."""
+    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    return (images.detach().cpu() * std + mean).clamp(0.0, 1.0)
+
+
+# %%
+answer_1 = None  # your answer: (L_still, L_on_target)
+if answer_1 is None:
+    answer_1 = _solution_1()
+
+# %%
+# the check: the library's matching loss for both students, on expert 0 from t = 0
+from mttlite.matching import matching_loss
+
+theta_t, theta_tM = buffer.flat(0, 0, device=device), buffer.flat(0, expert_epochs, device=device)
+expected = torch.stack([matching_loss(theta_t, theta_t, theta_tM), matching_loss(theta_tM, theta_t, theta_tM)])
+torch.testing.assert_close(torch.tensor(answer_1, dtype=torch.float32), expected.cpu())
+print("correct")
+
+# %% [markdown]
+# **Exercise 2 · Back to pixels.** The networks see normalised images $x = (p - \mu)/\sigma$, with the
+# per-channel `ds.mean` ($\mu$) and `ds.std` ($\sigma$). Turn the distilled `synset.images` back into
+# pixels $p = x\sigma + \mu$, clamped to $[0, 1]$, as a CPU tensor of shape $(n, C, H, W)$.
+
+# %%
+answer_2 = None  # your code here, e.g. answer_2 = (synset.images.cpu() * ... + ...).clamp(0, 1)
+if answer_2 is None:
+    answer_2 = _solution_2(synset.images)
+
+# %%
+# the check: the synthetic set's own conversion (SyntheticSet.pixels, what synset.png shows)
+torch.testing.assert_close(answer_2, synset.pixels().cpu())
+print("correct")
+
+# %% [markdown]
+# ## Takeaway
+#
+# * MTT has two stages with different costs: experts are trained once on the real data and stored;
+#   distillation then only replays short pieces of their trajectories.
+# * What is learned is the pixels **and** a learning rate $\alpha$; evaluation trains with that $\alpha$.
+# * $\mathcal{L}$ is a ratio: 1 means the student got no closer than where it started, 0 means on target.
+# * A distilled set is only judged by training fresh networks on it, next to random real images of
+#   the same size.
+#
 # ## What to read next
 #
 # * The images change slowly and stay recognisable: the pixel learning rate is large

@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -10,6 +16,9 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/01_expert_trajectories.ipynb)
 #
 # # 01 · Expert trajectories
+#
+# **In the paper:** the expert trajectories $\tau^*$ of the method section, the input of Algorithm 1
+# (the real-data path that the student is matched against); the symbols are defined in [`docs/method.md`](../docs/method.md).
 #
 # MTT's targets are the parameter trajectories of networks trained on the real data — the
 # **experts**. An expert is an ordinary ConvNet trained with SGD; its trajectory is the list of
@@ -38,7 +47,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -276,6 +285,81 @@ fig.add_bar(x=list(rel), y=[None if v is None else 100 * v for v in rel.values()
 fig.update_yaxes(type="log", row=1, col=2)
 fig.update_layout(title="Epoch 1, per parameter tensor", height=450, showlegend=False)
 fig.show()
+
+# %% [markdown]
+# ## Exercises
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against what the buffer
+# itself stores and prints "correct".
+#
+# **Exercise 1 · Unflatten by hand.** `traj[0, -1]` is expert 0's last $\theta^*_E$ as one flat
+# vector: the parameter tensors, each flattened, concatenated in `spec.names` order (shapes in
+# `spec.shapes`). Cut the classifier's weight, `spec.names[-2]`, out of it, with its shape, using
+# only slicing and `reshape` (not `spec.unflatten`).
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+import math
+
+
+def _solution_1(flat, k):
+    """Tensor k of a flat (P,) vector: skip the sizes of tensors 0 … k−1, take the next prod(shape) entries."""
+    offset = sum(math.prod(s) for s in spec.shapes[:k])
+    shape = tuple(spec.shapes[k])
+    return flat[offset:offset + math.prod(shape)].reshape(shape)
+
+
+def _solution_2(expert, epoch):
+    """Test accuracy of θ*_epoch: arg-max of the network's logits on the test set, in chunks."""
+    model = network_for(buffer, ds.device)
+    theta = spec.unflatten(buffer.flat(expert, epoch, device=ds.device))
+    correct = 0
+    with torch.no_grad():
+        for x, y in zip(ds.test_images.split(256), ds.test_labels.split(256)):
+            logits = torch.func.functional_call(model, theta, (x,))  # (b, K)
+            correct += int((logits.argmax(1) == y).sum())
+    return correct / len(ds.test_labels)
+
+
+# %%
+name = spec.names[-2]
+answer_1 = None  # your code here: the tensor `name` of traj[0, -1], shape spec.shapes[-2]
+if answer_1 is None:
+    answer_1 = _solution_1(traj[0, -1], len(spec.names) - 2)
+
+# %%
+# the check: the named tensor as the buffer stores it
+torch.testing.assert_close(answer_1, buffer.params(0, E)[name])
+print("correct")
+
+# %% [markdown]
+# **Exercise 2 · An expert's accuracy by hand.** Compute expert 0's test accuracy at its last epoch
+# $E$: run the network (`network_for(buffer, ds.device)`) with $\theta^*_E$ (`torch.func.functional_call`
+# with `spec.unflatten(...)`) on `ds.test_images`, take the arg-max class and compare with
+# `ds.test_labels`. (At width 128, split the 1000 test images into chunks.)
+
+# %%
+answer_2 = None  # your code here: a float in [0, 1]
+if answer_2 is None:
+    answer_2 = _solution_2(0, E)
+
+# %%
+# the check: the accuracy recorded while the expert was trained (metrics stored in the buffer); a
+# different summation order may flip a near-tie, hence the tolerance of two test images
+recorded = buffer.metrics(0)["test_acc"][-1]
+assert abs(answer_2 - recorded) <= 2 / len(ds.test_labels), (answer_2, recorded)
+print(f"correct: {100 * answer_2:.1f}% (recorded: {100 * recorded:.1f}%)")
+
+# %% [markdown]
+# ## Takeaway
+#
+# * An expert trajectory is a handful of snapshots $\theta^*_0, \dots, \theta^*_E$, each one flat vector
+#   in $\mathbb{R}^P$; that is all MTT reads from the real data while distilling.
+# * Experts started from different initialisations stay far apart: the synthetic set must work from
+#   many starting points.
+# * Epochs move the parameters less and less, and unequally across layers — the scale the
+#   matching loss divides by (notebook `03`).
 
 # %%
 results = {

@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -10,6 +16,9 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/02_unrolled_student.ipynb)
 #
 # # 02 · The unrolled student
+#
+# **In the paper:** Eq. 1, the student update $\hat\theta_{t+n+1} = \hat\theta_{t+n} - \alpha \nabla\ell(\mathcal{A}(\mathcal{D}_\text{syn}); \hat\theta_{t+n})$;
+# the symbols are defined in [`docs/method.md`](../docs/method.md).
 #
 # Stage 2 of MTT. Pick an expert and a start epoch $t$. A **student** network starts *on* the
 # expert's trajectory, $\hat\theta_0 = \theta^*_t$, and trains on the synthetic set for $N$ plain SGD
@@ -41,7 +50,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -189,6 +198,64 @@ print(f"student loss ℓ = {loss.item():.4f}; ‖g_0‖ = {g0.norm():.4f}")
 print(f"max |by hand − library| = {diff_library:.2e}; max |by hand − torch.optim.SGD| = {diff_sgd:.2e}")
 
 # %% [markdown]
+# ### Exercises
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against `unroll` and
+# prints "correct".
+#
+# **Exercise 1 · A student with $\alpha = 0$.** What is $\hat\theta_1$ after one step with $\alpha = 0$,
+# from $\hat\theta_0 = \theta^*_t$ (`theta_start`)? Answer with a tensor built from the variables above,
+# without computing any gradient.
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+def _solution_1():
+    # θ̂_1 = θ̂_0 − 0 · g_0 = θ*_t, whatever the gradient
+    return theta_start.clone()
+
+
+def _solution_2(theta, step_plan, alpha):
+    """θ̂_N by hand: one gradient step per (batch, augmentation seed) of the plan."""
+    for idx_n, seed_n in zip(step_plan.batches, step_plan.aug_seeds):
+        th = theta.detach().requires_grad_(True)
+        x_n = dsa(images[idx_n], strategy, seed=seed_n)  # A_ωn(x_bn)
+        loss_n = F.cross_entropy(functional_call(net, spec.unflatten(th), (x_n,)), labels[idx_n])  # ℓ
+        (g_n,) = torch.autograd.grad(loss_n, th)
+        theta = th.detach() - alpha * g_n  # θ̂_{n+1} = θ̂_n − α g_n
+    return theta
+
+
+# %%
+answer_1 = None  # your answer: a (P,) tensor
+if answer_1 is None:
+    answer_1 = _solution_1()
+
+# %%
+# the check: the library's student, one step with α = 0
+theta1_alpha0 = unroll(net, spec, theta_start, images, labels, 0.0, one_step, strategy, create_graph=False).theta
+torch.testing.assert_close(answer_1, theta1_alpha0.detach())
+print("correct")
+
+# %% [markdown]
+# **Exercise 2 · Two steps by hand.** `plan2` below is a new two-step plan. Starting from
+# `theta_start`, take its two steps yourself, as in the cell above: for each step $n$, augment the
+# batch `images[plan2.batches[n]]` with seed `plan2.aug_seeds[n]`, take the gradient of the
+# cross-entropy at the current $\hat\theta_n$, and step with $\alpha$ = `syn_lr`. The answer is $\hat\theta_2$.
+
+# %%
+plan2 = make_plan(len(images), 2, batch_syn, torch.Generator().manual_seed(seed + 1))
+answer_2 = None  # your code here: θ̂_2, a (P,) tensor
+if answer_2 is None:
+    answer_2 = _solution_2(theta_start, plan2, syn_lr)
+
+# %%
+# the check: the library's unroll of the same plan
+theta2_library = unroll(net, spec, theta_start, images, labels, syn_lr, plan2, strategy, create_graph=False).theta
+torch.testing.assert_close(answer_2, theta2_library.detach())
+print("correct")
+
+# %% [markdown]
 # ## 4. N steps, and where they lead
 #
 # `unroll(..., return_path=True)` returns every $\hat\theta_n$. For drawing we project them with the
@@ -280,6 +347,16 @@ display(live(
     t=widgets.IntSlider(value=start_epoch, min=0, max=E - expert_epochs, description="t (start epoch)", style={"description_width": "initial"},
                         continuous_update=False),
 ))
+
+# %% [markdown]
+# ## Takeaway
+#
+# * A student step is one line on a flat parameter vector, $\hat\theta_{n+1} = \hat\theta_n - \alpha g_n$ — plain
+#   SGD, the same as `torch.optim.SGD` on a real module.
+# * All randomness of an unroll (batches, augmentations) is drawn first into a `StepPlan`, so the
+#   same $N$ steps can be replayed exactly.
+# * The student starts *on* the expert's path at $\theta^*_t$; random real images do not lead it to
+#   $\theta^*_{t+M}$, distilled ones are optimised to.
 
 # %%
 (res_real, L_real), (res_dist, L_dist) = paths.values()

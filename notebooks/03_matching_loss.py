@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -10,6 +16,9 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/03_matching_loss.ipynb)
 #
 # # 03 · The matching loss
+#
+# **In the paper:** Eq. 2, the normalised matching loss $\mathcal{L}$ (and the gradient that starts the
+# backward pass through Eq. 1); the symbols are defined in [`docs/method.md`](../docs/method.md).
 #
 # Stage 3 of MTT. After $N$ student steps from $\theta^*_t$, how far is the student from where the
 # expert stood $M$ epochs later? The paper's answer (Eq. 2) is a **normalised** squared distance:
@@ -38,7 +47,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -274,6 +283,71 @@ display(live(
     alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α", continuous_update=False),
     t=widgets.IntSlider(value=start_epoch, min=0, max=E - 1, description="t", continuous_update=False),
 ))
+
+# %% [markdown]
+# ## Exercises
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against the library
+# and prints "correct".
+#
+# **Exercise 1 · Predict $\mathcal{L}$.** Without running anything: what is $\mathcal{L}$ for a student that does
+# not move (its $N$ steps with $\alpha = 0$), and for one that stops exactly halfway between $\theta^*_t$
+# and $\theta^*_{t+M}$? Write `answer_1 = (L_still, L_halfway)`.
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+def _solution_1():
+    # still: θ̂ = θ*_t, numerator = denominator. Halfway: θ̂ − θ*_{t+M} = (θ*_t − θ*_{t+M}) / 2, squared: 1/4
+    return (1.0, 0.25)
+
+
+def _solution_2(theta_student, layer):
+    """One tensor's share of L: its squared distance to the target over the GLOBAL denominator."""
+    sl = spec.slices()[layer]
+    num_layer = (theta_student[sl] - theta_target[sl]).pow(2).sum()  # ‖θ̂_N[ℓ] − θ*_{t+M}[ℓ]‖²
+    den_all = (theta_start - theta_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖², all parameters
+    return float(num_layer / den_all)
+
+
+# %%
+answer_1 = None  # your answer: (L_still, L_halfway)
+if answer_1 is None:
+    answer_1 = _solution_1()
+
+# %%
+# the check: the library's loss for a student unrolled with α = 0, and for the midpoint
+theta_still = student_end(start_epoch, syn_steps, 0.0).theta.detach()
+expected = torch.stack([matching_loss(theta_still, theta_start, theta_target),
+                        matching_loss((theta_start + theta_target) / 2, theta_start, theta_target)])
+torch.testing.assert_close(torch.tensor(answer_1, dtype=torch.float32), expected.cpu(), rtol=1e-4, atol=1e-6)  # float rounding
+print("correct")
+
+# %% [markdown]
+# **Exercise 2 · One layer's share.** Take the parameter tensor that contributes most to $\mathcal{L}$
+# in section 3 (`layer` below) and compute its **contribution** by hand from `theta_N`, `theta_start`,
+# `theta_target` and `spec.slices()` (a dict: tensor name → its slice of the flat vector).
+
+# %%
+layer = max(bd, key=lambda n: bd[n]["contribution"])
+answer_2 = None  # your code here: a float
+if answer_2 is None:
+    answer_2 = _solution_2(theta_N.detach(), layer)
+
+# %%
+# the check: matching_breakdown, recomputed
+library_value = matching_breakdown(spec, theta_N.detach(), theta_start, theta_target)[layer]["contribution"]
+torch.testing.assert_close(answer_2, library_value, rtol=1e-4, atol=1e-7)
+print(f"correct: {layer} gives {answer_2:.4f} of L = {L_library.item():.4f}")
+
+# %% [markdown]
+# ## Takeaway
+#
+# * $\mathcal{L}$ is a squared distance divided by how far the expert itself moved: 1 = no closer than the
+#   start, 0 = on target, whatever the start epoch $t$ or the scale of the weights.
+# * Its gradient, $2(\hat\theta_N - \theta^*_{t+M}) / \lVert\theta^*_t - \theta^*_{t+M}\rVert^2$, is where the backward pass
+#   through the student begins (notebook `07`).
+# * With one global denominator, each layer counts in proportion to how much the expert moved it.
 
 # %%
 results = {

@@ -17,6 +17,9 @@
 #
 # # 04 · Learning the pixels and $\alpha$ (the outer loop)
 #
+# **In the paper:** Algorithm 1, the outer loop that learns the pixels and $\alpha$ together; the
+# symbols are defined in [`docs/method.md`](../docs/method.md).
+#
 # Stage 4 of MTT (the paper's Algorithm 1). Each iteration:
 #
 # 1. sample an expert $\tau^*$ and a start epoch $t \sim \mathcal{U}\{0, \dots, T^+ - 1\}$ (`max_start_epoch`);
@@ -48,7 +51,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -66,7 +69,7 @@ from pathlib import Path
 
 import plotly.express as px
 import plotly.graph_objects as go
-import ipywidgets as widgets
+import plotly.io as pio
 import torch
 from IPython.display import display
 from plotly.subplots import make_subplots
@@ -134,6 +137,54 @@ print(f"  student losses ℓ_0 … ℓ_N-1: {', '.join(f'{v:.3f}' for v in info.
 print(f"  {info.seconds:.2f} s")
 
 # %% [markdown]
+# ### Exercises: the first update, by hand
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against what the
+# distiller did and prints "correct". Both updates are SGD with momentum 0.5, and on the *first*
+# step torch's momentum buffer is the gradient itself: the first update is plain SGD.
+#
+# **Exercise 1 · $\alpha$ after iteration 1.** $\alpha$ started at `lr_teacher`; iteration 1 found
+# $\partial\mathcal{L}/\partial\alpha$ = `info.grad_syn_lr`. Predict $\alpha$ after the update (a float).
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+def _solution_1(first):
+    # α ← α − lr_lr · ∂L/∂α (first step: momentum buffer = gradient)
+    return lr_teacher - lr_lr * first.grad_syn_lr
+
+
+def _solution_2(first):
+    # x ← x − lr_img · ∂L/∂x, so ‖x_1 − x_0‖ = lr_img · ‖∂L/∂x‖
+    return lr_img * first.grad_norm_images
+
+
+# %%
+answer_1 = None  # your code here: a float
+if answer_1 is None:
+    answer_1 = _solution_1(info)
+
+# %%
+# the check: the α the distiller holds after its first iteration (float32, hence the tolerance)
+torch.testing.assert_close(answer_1, distiller.syn_lr.item(), rtol=1e-6, atol=1e-9)
+print(f"correct: α {lr_teacher:g} → {answer_1:.6g}")
+
+# %% [markdown]
+# **Exercise 2 · How far the pixels moved.** Predict $\lVert x_1 - x_0\rVert$, the norm of the change of all
+# pixels in iteration 1, from `info.grad_norm_images` ($\lVert\partial\mathcal{L}/\partial x\rVert$) and `lr_img`.
+
+# %%
+answer_2 = None  # your code here: a float
+if answer_2 is None:
+    answer_2 = _solution_2(info)
+
+# %%
+# the check: the distiller's pixels now (after iteration 1) against the ones it started from
+moved = float((distiller.images.detach() - initial_images).norm())
+torch.testing.assert_close(answer_2, moved, rtol=1e-3, atol=1e-9)
+print(f"correct: ‖x_1 − x_0‖ = {moved:.4g}")
+
+# %% [markdown]
 # A negative $\partial\mathcal{L}/\partial\alpha$ means "a larger $\alpha$ would bring the student closer to the
 # target" — so $\alpha$ grows. The learned $\alpha$ becomes the learning rate every evaluation network
 # uses on the distilled set (notebook `05`).
@@ -142,10 +193,12 @@ print(f"  {info.seconds:.2f} s")
 #
 # `run(distiller, callbacks=[f])` calls `f(info)` after every iteration. Our callback keeps the
 # numbers, keeps a copy of the images every `snapshot_every` iterations, and every `plot_every`
-# iterations redraws ONE figure in place: the figure lives in an `ipywidgets.Output`, which is cleared
-# and redrawn (`clear_output(wait=True)`, so it does not flicker). This works in JupyterLab, Colab and
-# headless. (`display(fig, display_id=True)` + `handle.update(fig)` does not: plotly publishes its
-# figure itself, without the display id, so every update would append a new figure.)
+# iterations redraws ONE figure in place: the cell displays the figure once with a *display id*
+# and later replaces that output (`handle.update`). It works in JupyterLab, Colab and headless
+# (papermill records the final figure as the cell's one output). One detail: `display(fig,
+# display_id=True)` alone would not do it, because a plotly figure publishes itself (without the id)
+# when displayed, so every update would append a new figure; we hand IPython the figure's rendered
+# form instead (`rendered(fig)`: what `fig.show()` would display) with `raw=True`.
 
 # %%
 hist = {"iteration": [], "loss": [], "syn_lr": [], "grad_syn_lr": [], "grad_norm_images": [], "t": []}
@@ -164,17 +217,18 @@ def figure_now():
     return fig
 
 
-live = widgets.Output()
-display(live)
+def rendered(fig):
+    """What `fig.show()` would display (one entry per renderer in `pio.renderers.default`), as a dict."""
+    return {k: v for name in pio.renderers.default.split("+")
+            for k, v in pio.renderers[name].to_mimebundle(fig.to_dict()).items()}
+
+
+live = display(rendered(figure_now()), raw=True, display_id=True)  # a handle on ONE output
 
 
 def redraw():
-    with live:
-        live.clear_output(wait=True)
-        figure_now().show()
+    live.update(rendered(figure_now()), raw=True)  # replaces that output in place
 
-
-redraw()
 
 
 def on_iteration(info):
@@ -267,6 +321,16 @@ if not diverged:
 # Two safer choices: lower the learning rates the message names, or learn $\log\alpha$ instead of
 # $\alpha$ (`alpha_param="log"`), which keeps $\alpha > 0$ by construction (then `lr_lr` acts on
 # $\log\alpha$, a relative step, so the paper's values do not carry over).
+
+# %% [markdown]
+# ## Takeaway
+#
+# * One iteration = sample (expert, $t$) → unroll $N$ steps → $\mathcal{L}$ → one SGD step (momentum 0.5) on the
+#   pixels with `lr_img` and on $\alpha$ with `lr_lr`.
+# * $\mathcal{L}$ is noisy from one iteration to the next (each draws another expert and $t$); its average
+#   goes down, and $\alpha$ moves with the sign of $-\partial\mathcal{L}/\partial\alpha$.
+# * `lr_img`, `lr_lr` and $T^+$ are the knobs that make a run diverge; the library stops with the one
+#   to turn and keeps the last good state.
 
 # %%
 results = {

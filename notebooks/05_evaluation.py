@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -10,6 +16,11 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/05_evaluation.ipynb)
 #
 # # 05 · Evaluation: what the numbers in the papers mean
+#
+# **In the paper:** the evaluation behind every accuracy of Table 1 (fresh ConvNets trained on the
+# distilled set alone, next to coresets such as random real images), and the paper's
+# cross-architecture study (the ConvNet's set trained into other networks); the symbols are defined in
+# [`docs/method.md`](../docs/method.md), whose "How a distilled set is judged" gives the protocol.
 #
 # A distilled set is judged by what it teaches a network **that never saw the real data**. DC, DSA,
 # DM and MTT (and DC-Bench, which fixed it as a benchmark) all use one recipe:
@@ -39,7 +50,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -231,6 +242,70 @@ display(widgets.interactive(
     epochs=widgets.IntSlider(value=eval_epochs, min=10, max=1000, step=10),
     nets=widgets.IntSlider(value=1, min=1, max=5),
 ))
+
+# %% [markdown]
+# ## Exercises
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against the library
+# and prints "correct".
+#
+# **Exercise 1 · The learning-rate schedule.** Write the list $\eta_0, \dots, \eta_{E-1}$ the network of
+# section 2 was trained with: $\eta$ = `synset.syn_lr or 0.01`, $E$ = `eval_epochs`, and the one decay
+# of the protocol (the formula at the top; the decay epoch is never 0).
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+def _solution_1(eta, epochs):
+    # η before epoch E // 2 (at least 1), 0.1 η from then on
+    decay = max(1, epochs // 2)
+    return [eta if e < decay else 0.1 * eta for e in range(epochs)]
+
+
+def _solution_2(net_, images, labels, num_classes):
+    """(K, K) counts, [true, predicted], by a loop over the predictions."""
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    with torch.no_grad():
+        pred = torch.cat([net_(x).argmax(1).cpu() for x in images.split(256)])
+    for true_k, pred_k in zip(labels.cpu().tolist(), pred.tolist()):
+        counts[true_k, pred_k] += 1
+    return counts
+
+
+# %%
+answer_1 = None  # your code here: a list of eval_epochs floats
+if answer_1 is None:
+    answer_1 = _solution_1(synset.syn_lr or 0.01, eval_epochs)
+
+# %%
+# the check: the learning rates train_on_set recorded, epoch by epoch
+torch.testing.assert_close(torch.tensor(answer_1, dtype=torch.float64), torch.tensor(info["lr_per_epoch"], dtype=torch.float64))
+print(f"correct: {len(answer_1)} epochs, η = {answer_1[0]:.4g} then {answer_1[-1]:.4g}")
+
+# %% [markdown]
+# **Exercise 2 · The confusion matrix by hand.** With the network of section 2 (`model`, in eval mode)
+# predict every test image (`ds.test_images`, in chunks) and count, for each true class $i$ and
+# predicted class $j$, how many test images fall in $(i, j)$: a $(K, K)$ int64 tensor on the CPU.
+
+# %%
+answer_2 = None  # your code here
+if answer_2 is None:
+    answer_2 = _solution_2(model, ds.test_images, ds.test_labels, ds.num_classes)
+
+# %%
+# the check: the library's confusion matrix, and its trace against the library's test accuracy
+assert torch.equal(answer_2, confusion_matrix(model, ds.test_images, ds.test_labels, ds.num_classes))
+assert abs(float(answer_2.trace()) / float(answer_2.sum()) - test_accuracy(model, ds.test_images, ds.test_labels)) < 1e-12
+print(f"correct: trace / total = {float(answer_2.trace()) / float(answer_2.sum()):.3f} = the test accuracy")
+
+# %% [markdown]
+# ## Takeaway
+#
+# * A set is judged by fresh networks trained on it alone (SGD with momentum, weight decay, DSA, one
+#   decay of $\eta$ at $E/2$), tested on the real test set: mean $\pm$ std over several networks.
+# * For an MTT set $\eta$ is the learned $\alpha$; baselines without one use 0.01.
+# * The only fair comparison is under one protocol: the random-real row and other architectures
+#   are trained exactly the same way.
 
 # %%
 results = {

@@ -17,6 +17,10 @@
 #
 # # 06 · Long range vs short range: the paper's ablation, small
 #
+# **In the paper:** the ablation of $N$ (student steps) against $M$ (expert epochs) and the paper's
+# comparison of long-range with short-range (one-step) matching; the symbols are defined in
+# [`docs/method.md`](../docs/method.md) ("Long range beats short range").
+#
 # MTT's claim: matching **long-range** behaviour — $N$ student steps against $M$ expert epochs —
 # beats **short-range** matching, where the student takes one step ($N = 1$) towards the next
 # point of the trajectory ($M = 1$). Errors of one-step matching accumulate when a network later
@@ -45,7 +49,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -145,6 +149,80 @@ print(f"N = 1: L = {L_library.item():.4f} (library) = {L_formula.item():.4f} (fo
       f"cos(−g, Δ) = {cos:.3f} for random real images")
 
 # %% [markdown]
+# ### Exercises
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against the library
+# and prints "correct".
+#
+# **Exercise 1 · The best one-step learning rate.** For $N = 1$, $\mathcal{L}(\alpha)$ above is a parabola in
+# $\alpha$ (with $g$ and $\Delta$ fixed). Find the $\alpha^*$ that minimises it and the minimum $\mathcal{L}(\alpha^*)$,
+# from `g` and `delta`. Write `answer_1 = (alpha_star, L_min)`. (Hint: the minimum is a function of
+# $\cos(-g, \Delta)$ alone.)
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+def _solution_1(g_, delta_):
+    # dL/dα = (2 g·Δ + 2α‖g‖²)/‖Δ‖² = 0  →  α* = −g·Δ/‖g‖²;  L(α*) = 1 − (g·Δ)²/(‖g‖²‖Δ‖²) = 1 − cos²(−g, Δ)
+    gd, gg, dd = float(g_ @ delta_), float(g_ @ g_), float(delta_ @ delta_)
+    return -gd / gg, 1 - gd**2 / (gg * dd)
+
+
+def _solution_2(a_flat, b_flat):
+    """DC's distance: for every weight tensor, one row per output node, Σ_rows (1 − cos); 1-D tensors count 0."""
+    a_layers, b_layers = spec.unflatten(a_flat), spec.unflatten(b_flat)
+    total = 0.0
+    for name_ in spec.names:
+        A, B = a_layers[name_], b_layers[name_]
+        if A.dim() <= 1:
+            continue
+        A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # (out, rest)
+        cos_rows = (A * B).sum(1) / (A.norm(dim=1) * B.norm(dim=1) + 1e-6)
+        total += float((1 - cos_rows).sum())
+    return total
+
+
+# %%
+answer_1 = None  # your code here: (alpha_star, L_min)
+if answer_1 is None:
+    answer_1 = _solution_1(g, delta)
+
+# %%
+# the check: the library's one-step student at α*, and at α* ± 50 % (both must be worse)
+alpha_star, L_min = answer_1
+
+
+def one_step_loss(a):
+    th1 = unroll(net, spec, th_t, images, labels, a, plan, default_strategy(ds.name), create_graph=False).theta
+    return float(matching_loss(th1.detach(), th_t, th_tM))
+
+
+assert abs(one_step_loss(alpha_star) - L_min) < 1e-4, (one_step_loss(alpha_star), L_min)
+assert one_step_loss(0.5 * alpha_star) > L_min and one_step_loss(1.5 * alpha_star) > L_min
+print(f"correct: α* = {alpha_star:.4g}, L(α*) = {L_min:.4f} (at α = {alpha}: {L_library.item():.4f})")
+
+# %% [markdown]
+# **Exercise 2 · DC's distance.** DC matches the same two vectors by *angle*, layer by layer: each weight
+# tensor is read as one row per output node (a conv weight (out, in, h, w) as (out, in·h·w)), and
+# $d(A, B) = \sum_\text{tensors} \sum_i \big(1 - A_i \cdot B_i / (\lVert A_i\rVert \lVert B_i\rVert + 10^{-6})\big)$; biases and norm
+# parameters (1-D tensors) count 0. Compute $d(-g, \Delta)$ (`spec.unflatten` splits a flat vector into
+# the named tensors).
+
+# %%
+answer_2 = None  # your code here: a float
+if answer_2 is None:
+    answer_2 = _solution_2(-g, delta)
+
+# %%
+# the check: the library's DC distance (what `mttlite baselines dc` minimises)
+from mttlite.baselines.gradient_distance import gradient_distance
+
+expected_dc = gradient_distance([spec.unflatten(-g)[n] for n in spec.names],
+                                [spec.unflatten(delta)[n] for n in spec.names], "dc")
+torch.testing.assert_close(answer_2, float(expected_dc), rtol=1e-5, atol=1e-6)
+print(f"correct: d_DC(−g, Δ) = {answer_2:.3f} over {sum(len(s) > 1 for s in spec.shapes)} weight tensors")
+
+# %% [markdown]
 # ## 2. The grid
 #
 # Every cell distils from the same initial images (same seed) with the same learning rates and the
@@ -222,6 +300,16 @@ def _redraw(change):
 
 chooser.observe(_redraw, names="value")
 display(widgets.VBox([chooser, out]))
+
+# %% [markdown]
+# ## Takeaway
+#
+# * With $N = 1$ the matching loss compares one synthetic gradient step with the expert's displacement:
+#   gradient matching, up to the distance used.
+# * Long range ($N$ steps against $M$ epochs) asks the synthetic set to be good for *many* steps of
+#   training, which is what evaluation does with it.
+# * $M$ must suit $N$: too large an $M$ asks $N$ steps to cover more ground than they can. At this small
+#   scale the differences are noisy; the trend is what to read.
 
 # %%
 results = {

@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -10,6 +16,11 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mttlite/mttlite/blob/main/notebooks/07_memory_and_speed.ipynb)
 #
 # # 07 · Memory and speed: the naive unroll vs the exact constant-memory gradient
+#
+# **In the paper:** the memory constraints of the method section — back-propagating through $N$
+# steps of Eq. 1 (Algorithm 1's meta-gradient) stores every step, which is why the paper splits the
+# synthetic set into mini-batches; the symbols are defined in [`docs/method.md`](../docs/method.md)
+# ("Memory").
 #
 # The meta-gradient $\partial\mathcal{L}/\partial(x, \alpha)$ goes back through all $N$ student steps. The
 # paper builds the whole second-order graph and calls `backward` (the **naive unroll**): every step's
@@ -35,7 +46,7 @@ import importlib.util
 import subprocess
 import sys
 
-MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/mttlite/mttlite.git"
+MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/mttlite/mttlite.git"
 if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
@@ -139,6 +150,90 @@ torch.testing.assert_close(g_exact.syn_lr, g_unroll.syn_lr, rtol=1e-6, atol=1e-1
 rel_err_images = float((g_exact.images - g_unroll.images).norm() / g_unroll.images.norm())
 rel_err_alpha = float(abs(g_exact.syn_lr - g_unroll.syn_lr) / abs(g_unroll.syn_lr))
 print(f"‖∂L/∂x (exact) − ∂L/∂x (unroll)‖ / ‖∂L/∂x (unroll)‖ = {rel_err_images:.2e}; ∂L/∂α relative error {rel_err_alpha:.2e}")
+
+# %% [markdown]
+# ### Exercises: the adjoint by hand
+#
+# Replace `None` in each answer cell with your code; as shipped it falls back to the hidden
+# solution (the collapsed cell below), and the next cell checks the answer against
+# `meta_gradient` and prints "correct". Both use the float64 network of section 2 (`net64`, `spec64`,
+# `th_start`, `th_target`, `x64`, `y64`, `alpha64`). One step's gradient $g_n$ at $\theta$ is the
+# gradient of `F.cross_entropy(functional_call(net64, spec64.unflatten(θ), (dsa(x64[idx], dsa_strategy, seed=s),)), y64[idx])`
+# with `idx, s = plan.batches[n], plan.aug_seeds[n]` (`F` is `torch.nn.functional`,
+# `functional_call` is `torch.func.functional_call`, `dsa` is `mttlite.augment.dsa`).
+#
+# **Exercise 1 · One step.** For the one-step plan `plan1`, compute $\partial\mathcal{L}/\partial\alpha = -g_0\cdot\lambda_1$ with
+# $\theta_1 = \theta_0 - \alpha g_0$ and $\lambda_1 = 2(\theta_1 - \theta^*_{t+M}) / \lVert\theta^*_t - \theta^*_{t+M}\rVert^2$ (a float).
+
+# %% cellView="form" jupyter={"source_hidden": true} tags=["solution"]
+#@title Solutions (hidden: try the exercises first)
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mttlite.augment import dsa
+
+
+def _grad_at(theta, step_plan, n, create_graph=False):
+    """g_n = ∇_θ ℓ_n at theta (a fresh leaf, returned too, for a Hessian-vector product)."""
+    th = theta.detach().requires_grad_(True)
+    idx = step_plan.batches[n]
+    x = dsa(x64[idx], dsa_strategy, seed=step_plan.aug_seeds[n])
+    loss = F.cross_entropy(functional_call(net64, spec64.unflatten(th), (x,)), y64[idx])
+    (g,) = torch.autograd.grad(loss, th, create_graph=create_graph)
+    return g, th
+
+
+def _solution_1(step_plan):
+    den = (th_start - th_target).pow(2).sum()  # ‖θ*_t − θ*_{t+M}‖²
+    g0, _ = _grad_at(th_start, step_plan, 0)
+    th1 = th_start - alpha64 * g0  # θ_1
+    lam1 = 2 * (th1 - th_target) / den  # λ_1 = ∂L/∂θ_1
+    return float(-(g0 @ lam1))  # ∂L/∂α = −g_0 · λ_1
+
+
+def _solution_2(step_plan):
+    den = (th_start - th_target).pow(2).sum()
+    g0, _ = _grad_at(th_start, step_plan, 0)
+    th1 = th_start - alpha64 * g0
+    g1, th1_leaf = _grad_at(th1, step_plan, 1, create_graph=True)  # keep g_1's graph for H_1 λ_2
+    th2 = th1 - alpha64 * g1.detach()
+    lam2 = 2 * (th2 - th_target) / den  # λ_2
+    (h1_lam2,) = torch.autograd.grad(g1 @ lam2, th1_leaf)  # H_1 λ_2 = ∇_θ (g_1 · λ_2), λ_2 held constant
+    lam1 = lam2 - alpha64 * h1_lam2  # λ_1 = λ_2 − α H_1 λ_2
+    return float(-(g0 @ lam1 + g1.detach() @ lam2))  # ∂L/∂α = −Σ_i g_i · λ_{i+1}
+
+
+# %%
+plan1 = make_plan(10, 1, None, torch.Generator().manual_seed(seed + 1))
+answer_1 = None  # your code here: a float
+if answer_1 is None:
+    answer_1 = _solution_1(plan1)
+
+# %%
+# the check: the library's exact meta-gradient for the same one-step plan
+expected_1 = meta_gradient("exact", net64, spec64, th_start, th_target, x64, y64, alpha64, plan1, dsa_strategy).syn_lr
+torch.testing.assert_close(answer_1, float(expected_1), rtol=1e-7, atol=1e-12)
+print(f"correct: ∂L/∂α = {answer_1:.6g}")
+
+# %% [markdown]
+# **Exercise 2 · Two steps: the recursion.** For the two-step plan `plan2`, run the backward recursion
+# yourself: $\lambda_2 = 2(\theta_2 - \theta^*_{t+M})/\lVert\theta^*_t - \theta^*_{t+M}\rVert^2$, then
+# $\lambda_1 = \lambda_2 - \alpha H_1 \lambda_2$ with the Hessian-vector product $H_1\lambda_2 = \nabla_\theta (g_1\cdot\lambda_2)$ at $\theta_1$
+# ($\lambda_2$ held constant; take $g_1$ with `create_graph=True`), and
+# $\partial\mathcal{L}/\partial\alpha = -(g_0\cdot\lambda_1 + g_1\cdot\lambda_2)$.
+
+# %%
+plan2 = make_plan(10, 2, None, torch.Generator().manual_seed(seed + 2))
+answer_2 = None  # your code here: a float
+if answer_2 is None:
+    answer_2 = _solution_2(plan2)
+
+# %%
+# the check: the library's meta-gradient for the same two-step plan, both modes
+for mode in ("unroll", "exact"):
+    expected_2 = meta_gradient(mode, net64, spec64, th_start, th_target, x64, y64, alpha64, plan2, dsa_strategy).syn_lr
+    torch.testing.assert_close(answer_2, float(expected_2), rtol=1e-7, atol=1e-12)
+print(f"correct: ∂L/∂α = {answer_2:.6g}")
 
 # %% [markdown]
 # ## 3. Measuring memory and time
@@ -282,6 +377,15 @@ display(widgets.interactive(
     mode=widgets.ToggleButtons(options=modes, value="exact"),
     N=widgets.IntSlider(value=syn_steps_list[-1], min=1, max=max(200, syn_steps_list[-1])),
 ))
+
+# %% [markdown]
+# ## Takeaway
+#
+# * The meta-gradient runs the chain rule backwards through the $N$ student steps: $\lambda_i = \lambda_{i+1} - \alpha H_i\lambda_{i+1}$,
+#   with Hessian-vector products only, never a $P \times P$ matrix.
+# * The naive unroll keeps every step's activations (memory grows with $N$); the adjoint keeps the
+#   $N+1$ parameter vectors and rebuilds one step at a time — the same gradient, for some extra time.
+# * That is why `gradient="exact"` is the default: a run that does not fit in memory is worth nothing.
 
 # %%
 results = {

@@ -59,3 +59,19 @@ def sgd_trajectories(model, x, y, num_experts=2, epochs=4, lr=0.1, steps_per_epo
             traj.append(theta.clone())
         out.append(traj)
     return MemoryTrajectories(out)
+
+
+def toy_dataset(n_per_class: int = 8, K: int = 3, seed: int = 0):
+    """K classes of 1×8×8 float32 images: a random prototype per class plus N(0, 0.5²) noise (class-major).
+
+    A stand-in for ``mttlite.data.Dataset`` with the fields a Distiller and an evaluation read; the
+    test split is the training split."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(K, 1, 8, 8, generator=g)
+    labels = torch.arange(K).repeat_interleave(n_per_class)
+    images = protos[labels] + 0.5 * torch.randn(len(labels), 1, 8, 8, generator=g)
+    return SimpleNamespace(name="toy", train_images=images, train_labels=labels, test_images=images,
+                           test_labels=labels, num_classes=K, channel=1, im_size=(8, 8),
+                           class_names=[chr(ord("a") + k) for k in range(K)], mean=(0.0,), std=(1.0,), zca=None)

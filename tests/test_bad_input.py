@@ -240,12 +240,10 @@ def test_ctrl_c_says_what_was_saved_and_a_second_writer_is_refused(w):
 
 # -- in-process: a full disk, a bug, an expert that turns NaN --------------------------------------
 def test_full_disk_is_one_line_and_leaves_nothing(w, tmp_path, monkeypatch, capsys):
-    import torchvision.utils
+    def full(*a, **k):  # Path.write_bytes(tmp, data): the PNG's bytes, written to the temporary file
+        raise OSError(errno.ENOSPC, "No space left on device", str(a[0]))
 
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(a[1]))
-
-    monkeypatch.setattr(torchvision.utils, "save_image", full)
+    monkeypatch.setattr(Path, "write_bytes", full)
     assert cli.main(["export", str(w.set), "--png", str(tmp_path / "grid.png")]) == EXIT_OS
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -1,26 +1,18 @@
 """Stage 4: the outer loop — validation, resume ≡ uninterrupted, and the α / NaN guard."""
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet
+from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet, toy_dataset
 from mttlite.distill import PRESETS, DistillationDiverged, DistillConfig, Distiller, preset, run
 
 
-def _toy_dataset(n_per_class=8, K=3, seed=0):
-    """Three classes of 8×8 images that differ in mean brightness pattern (float32)."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(K, 1, 8, 8, generator=g)
-    labels = torch.arange(K).repeat_interleave(n_per_class)
-    images = protos[labels] + 0.5 * torch.randn(len(labels), 1, 8, 8, generator=g)
-    return SimpleNamespace(name="toy", train_images=images, train_labels=labels, num_classes=K, channel=1, im_size=(8, 8))
 
 
 @pytest.fixture(scope="module")
 def setup():
-    ds = _toy_dataset()
+    ds = toy_dataset()
     net = tiny_convnet(num_classes=3, width=4, im=8, dtype=torch.float32)
     experts = sgd_trajectories(net, ds.train_images, ds.train_labels, num_experts=2, epochs=4, lr=0.1)
     return ds, net, experts

@@ -89,7 +89,7 @@ def tiny_set(toy):
 
 def test_protocol_defaults_are_the_papers():
     p = EvalProtocol()
-    # METHOD.md: SGD momentum 0.9, weight decay 5e-4, batch 256, 5 networks, lr = learned α or 0.01
+    # docs/method.md: SGD momentum 0.9, weight decay 5e-4, batch 256, 5 networks, lr = learned α or 0.01
     assert (p.momentum, p.weight_decay, p.batch_size, p.num_nets) == (0.9, 5e-4, 256, 5)
     assert p.lr is None and p.arch == "convnet" and p.width == 128 and p.dsa_strategy is None
     assert p.decay_epoch == p.epochs // 2 == 150

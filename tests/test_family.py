@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, fields, replace
 from fractions import Fraction
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.func import functional_call
 
-from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet
+from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet, toy_dataset
 from device_guard import DeviceGuard
 from mttlite.distill import (
     NUM_SCALARS,
@@ -39,18 +38,11 @@ SWITCHES = dict(soft_labels=True, auto_steps=True, ema_decay=0.9, min_start_epoc
 
 
 # -- a toy distillation -------------------------------------------------------------------------------
-def _toy_dataset(n_per_class=8, K=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(K, 1, 8, 8, generator=g)
-    labels = torch.arange(K).repeat_interleave(n_per_class)
-    images = protos[labels] + 0.5 * torch.randn(len(labels), 1, 8, 8, generator=g)
-    return SimpleNamespace(name="toy", train_images=images, train_labels=labels, num_classes=K, channel=1,
-                           im_size=(8, 8), class_names=["a", "b", "c"], mean=(0.0,), std=(1.0,), zca=None)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    ds = _toy_dataset()
+    ds = toy_dataset()
     net = tiny_convnet(num_classes=3, width=4, im=8, dtype=torch.float32)
     experts = sgd_trajectories(net, ds.train_images, ds.train_labels, num_experts=2, epochs=4, lr=0.1)
     return ds, net, experts

@@ -156,3 +156,51 @@ def test_a_cell_from_other_settings_is_refused(first, tmp_path):
                         "--ipcs", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode != 0 and "soft-ipc1.json was computed with other settings" in r.stderr
     assert "config" in r.stderr and "use another --out" in r.stderr
+
+
+def test_extension_variants_run_beside_the_cached_family_with_their_switches(first):
+    """The extensions (pruning, depth pruning, texture, perturbed θ*_t, bf16) on request, in the same folder: MTT's
+    cells are read back (not recomputed), each extension row carries exactly its switches, and its
+    set is what the switch makes (a texture set holds 56 × 56 canvases)."""
+    from mttlite.synset import SyntheticSet
+
+    out, doc, _ = first
+    variants = ["mtt", "prune", "depth", "texture", "perturb"] + (["bf16"] if _bf16_ok() else [])
+    ext, stdout = run_script(out, "--variants", ",".join(variants))
+    assert ext["cells"]["mtt-ipc1"] == ext["cells"]["mtt-ipc10"] == "cached"
+    assert numbers(ext)[("mtt", 1)] == numbers(doc)[("mtt", 1)]
+    rows = rows_by_key(ext)
+    for i in IPCS:
+        assert rows[("prune", i)]["switches"] == {"prune_rule": "mismatch", "prune_fraction": 0.1}
+        # PAD's depth ratio (0 at IPC 1, 0.5 from IPC 10), at least 0.25 so the IPC 1 row is not plain MTT
+        assert rows[("depth", i)]["switches"] == {"prune_rule": "depth", "prune_fraction": 0.25 if i == 1 else 0.5}
+        assert rows[("texture", i)]["switches"] == {"texture_canvas": 56, "lr_lr": 1e-7}
+        assert rows[("perturb", i)]["switches"] == {"expert_perturb": 0.01}
+        s = SyntheticSet.load(out / "cells" / f"texture-ipc{i}" / "synset.safetensors")
+        assert tuple(s.images.shape[-2:]) == (56, 56) and s.texture == {"canvas": [56, 56], "input": [28, 28]}
+        if "bf16" in variants:
+            assert rows[("bf16", i)]["switches"] == {"precision": "bf16"}
+        assert rows[("prune", i)]["iterations"] == rows[("mtt", i)]["iterations"]  # one budget
+    assert "+ texture (MTT §5)" in (out / "family.md").read_text()
+
+
+def test_a_cell_written_before_a_config_field_existed_is_still_read(first):
+    """A cell's recorded DistillConfig lacking a field added since (its default then) is the same settings."""
+    out, doc, _ = first
+    path = out / "cells" / "mtt-ipc1.json"
+    cell = json.loads(path.read_text())
+    del cell["inputs"]["config"]["precision"]  # as written before the field existed
+    path.write_text(json.dumps(cell))
+    again, _ = run_script(out, "--variants", "mtt", "--ipcs", "1")
+    assert again["cells"] == {"mtt-ipc1": "cached"}
+    assert numbers(again)[("mtt", 1)] == numbers(doc)[("mtt", 1)]
+
+
+def _bf16_ok() -> bool:
+    from mttlite.precision import check_precision
+
+    try:
+        check_precision("bf16", "cpu")
+    except ValueError:
+        return False
+    return True

@@ -84,7 +84,7 @@ def _cells(nb):
 def test_notebook_list():
     assert NOTEBOOKS == ["00_quickstart", "01_expert_trajectories", "02_unrolled_student", "03_matching_loss",
                          "04_learning_alpha_and_pixels", "05_evaluation", "06_long_vs_short_range",
-                         "07_memory_and_speed", "08_reproduction"]
+                         "07_memory_and_speed", "08_reproduction", "09_the_family", "10_extensions"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -126,7 +126,7 @@ def _setup_cell(nb):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_colab_badge_and_setup_cell(name):
     """The first line is the badge for this very notebook and the setting's repository; the set-up
-    cell installs what the setting names (no [notebooks] extra) and gets the device from setup()."""
+    cell installs what the setting names (the [colab] extra, not [notebooks]) and gets the device from setup()."""
     from mttlite.notebook import colab_badge, pip_requirement, repository_url
 
     nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
@@ -138,7 +138,7 @@ def test_colab_badge_and_setup_cell(name):
     assert badge.endswith(f"/github/{slug}/blob/main/notebooks/{name}.ipynb)")
     setup_src = _setup_cell(nb).source
     assert f'MTTLITE_REQUIREMENT = "{pip_requirement()}"' in setup_src, "run `make notebooks`"
-    assert "[notebooks]" not in pip_requirement() and slug in pip_requirement()
+    assert pip_requirement().startswith("mttlite[colab] @ ") and slug in pip_requirement()  # the light extra
     assert "device = setup()" in setup_src
 
 
@@ -167,7 +167,7 @@ def test_repository_setting_drives_everything(tmp_path):
     text = (tmp_path / "notebooks" / src.name).read_text()
     assert url not in text and url not in (tmp_path / "README.md").read_text()
     assert "https://colab.research.google.com/github/someone/fork/blob/main/notebooks/00_quickstart.ipynb" in text
-    assert 'MTTLITE_REQUIREMENT = "mttlite @ git+https://github.com/someone/fork.git"' in text
+    assert 'MTTLITE_REQUIREMENT = "mttlite[colab] @ git+https://github.com/someone/fork.git"' in text
     with pytest.raises(ValueError, match="github.com"):
         notebook.colab_badge("notebooks/x.ipynb", url="https://gitlab.com/a/b")
 
@@ -263,12 +263,16 @@ def test_04_learning_alpha_and_pixels(kernel, buffer_root, tmp_path):
     assert r["syn_lr_last"] != r["syn_lr_first"] and r["pixels_changed"] > 0
     assert r["diverged"] and "lower" in r["message"] and "last good one" in r["message"]
     assert r["bad_state_finite"]
-    # the live plot is ONE figure redrawn in place: the cell's only display output is its Output widget
+    # the live plot is ONE figure redrawn in place (a display id, updated): the cell's only display output
+    # is that figure, and it shows the LAST update (its title names the final iteration)
     nb = nbformat.read(tmp_path / "04_learning_alpha_and_pixels.out.ipynb", as_version=4)
     (cell,) = [c for c in nb.cells if "run(distiller, callbacks=[on_iteration]" in c.source]
     shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
-    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0].data, \
+    assert len(shown) == 1 and "application/vnd.plotly.v1+json" in shown[0].data, \
         [sorted(o.get("data", {})) for o in cell.outputs]
+    fig = shown[0].data["application/vnd.plotly.v1+json"]
+    assert fig["layout"]["title"]["text"] == "iteration 20 / 20"
+    assert len(fig["data"][0]["x"]) == r["callback_calls"]
 
 
 def test_05_evaluation(kernel, buffer_root, tmp_path):
@@ -332,3 +336,111 @@ def test_08_reproduction_grid(kernel, buffer_root, tmp_path, monkeypatch):
     # a second call skips the finished configuration and rebuilds the same table
     assert reproduce_grid.main(args) == 0
     assert (out / "results.md").read_text() == table
+
+
+def test_09_the_family(kernel, buffer_root, tmp_path):
+    import numpy as np
+
+    r = execute("09_the_family", tmp_path, kernel, buffer_root, syn_steps=10, max_start_epoch=2, iterations=8,
+                eval_epochs=20, num_nets=2, check_steps=30)
+    v = r["variants"]
+    assert list(v) == ["mtt", "soft", "window", "auto", "ema", "all"]
+    for name, x in v.items():
+        assert x["iterations"] == 8 and len(x["loss"]) == len(x["t"]) == len(x["student_steps"]) == 8  # one budget
+        for key in ("", "_hard") if x["labels"] == "soft" else ("",):
+            accs = x[f"accs{key}"]
+            assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
+            assert x[f"acc{key}"] == pytest.approx(np.mean(accs)) and x[f"std{key}"] == pytest.approx(np.std(accs))
+        soft = name in ("soft", "all")
+        assert (x["labels"] == "soft") == soft and (x["acc_hard"] is not None) == soft  # both numbers for soft labels
+        if soft:
+            assert x["label_rows_sum"] == pytest.approx([1.0] * 10, abs=1e-5)
+        auto = name in ("auto", "all")
+        assert all(1 <= n <= 10 for n in x["student_steps"]) and (auto or set(x["student_steps"]) == {10.0})
+    # the window: T− = 0, T_cur from T+ // 2 = 1 to T+ = 2 by iteration E = round(0.6 · 8) = 5 (DATM's formula),
+    # the draws inside it
+    w = r["window"]
+    assert w["low"] == [0] * 8 and w["high"] == [min(2, 1 + (2 - 1) * i // 5) - 1 for i in range(8)] == [0] * 5 + [1] * 3
+    for name in ("window", "all"):
+        assert all(w["low"][i] <= t <= w["high"][i] for i, t in enumerate(v[name]["t"]))
+    assert set(v["mtt"]["t"]) <= {0, 1} and v["mtt"]["switches"] == {}
+    assert r["datm_window_high"] == [19, 29, 38, 39, 39]  # T_cur: 20, 30, 39, 40, 40 at iterations 0, 1500, 2999, …
+    # the inline derivations agree with the library
+    assert r["ema_closed_form_err"] < 1e-5 and r["ema_decay"] == round(0.999 ** (5000 / 8), 3)
+    assert r["n_star_brute"] == r["n_star_library"] and len(r["n_star_curve"]) == r["check_steps"] == 30
+    assert r["n_star_curve"][r["n_star_brute"] - 1] == pytest.approx(min(r["n_star_curve"]))
+    assert r["chooser_value"] == r["chooser_start"] == "all"
+    # the comparison: the chooser's first variant drawn statically (3 figures for "all": curves and accuracy,
+    # images, label matrix), then the chooser over an Output that only a change writes into (headless, nothing
+    # is written into it: see the cell's comment)
+    nb = nbformat.read(tmp_path / "09_the_family.out.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "display(widgets.VBox([chooser, comparison]))" in c.source]
+    shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
+    kinds = ["widget" if "application/vnd.jupyter.widget-view+json" in o.data else
+             "plotly" if "application/vnd.plotly.v1+json" in o.data else "other" for o in shown]
+    assert kinds == ["plotly"] * 3 + ["widget"], [sorted(o.get("data", {})) for o in cell.outputs]
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    assert all(m["state"].get("outputs", []) == [] for m in state.values() if m["model_name"] == "OutputModel")
+
+
+def test_10_extensions(kernel, buffer_root, tmp_path):
+    import math
+
+    import numpy as np
+
+    r = execute("10_extensions", tmp_path, kernel, buffer_root, syn_steps=10, max_start_epoch=2, iterations=8,
+                texture_iterations=8, score_draws=4, noise_draws=2)
+    P, names, sizes = r["num_params"], r["tensor_names"], r["tensor_sizes"]
+    assert sizes == [math.prod(s) for s in r["tensor_shapes"]] and sum(sizes) == P
+    # 1. the masks, counted by arithmetic: "depth" prunes the first ⌊0.5 P⌋ entries in layer order (whole tensors,
+    # then a cut), "mismatch" ⌊0.1 P⌋ entries anywhere
+    k, start = math.floor(0.5 * P), 0
+    for name, size in zip(names, sizes):
+        assert r["mask_counts"]["depth"][name] == {"masked": min(max(k - start, 0), size), "total": size}, name
+        start += size
+    mismatch = r["mask_counts"]["mismatch"]
+    assert all(mismatch[n]["total"] == s and 0 <= mismatch[n]["masked"] <= s for n, s in zip(names, sizes))
+    assert sum(c["masked"] for c in mismatch.values()) == math.floor(0.1 * P)
+    assert 0.1 - 1e-6 <= r["share_pruned"] <= 1  # the largest 10 % of |d| hold at least 10 % of Σ d²
+    # L_m by hand = the library's; its gradient is 0 on the pruned entries; the per-layer contributions sum to L
+    assert set(r["L"]) == {"none", "mismatch", "depth"} and all(0 < v < 10 for v in r["L"].values())
+    assert all(e < 1e-6 for e in r["hand_err"].values()) and all(g == 0 for g in r["grad_pruned_max"].values())
+    for rule, total in r["contribution_sums"].items():
+        assert total == pytest.approx(r["L"][rule], rel=1e-4)
+    # the same budget for every run, finite losses, the rule each was asked for
+    assert {n: x["prune_rule"] for n, x in r["runs"].items()} == {"MTT": None, "prune: mismatch": "mismatch",
+                                                                   "prune: depth": "depth"}
+    for x in r["runs"].values():
+        assert x["iterations"] == 8 and len(x["loss"]) == 8 and np.isfinite(x["loss"]).all() and x["syn_lr"] > 0
+    assert set(r["plain_scores"]) == {"initial", *r["runs"]} and all(0 < v < 10 for v in r["plain_scores"].values())
+    # 2. every filter (the rows of the tensors with ≥ 2 dimensions) moved by ρ times its norm; by hand = library
+    assert r["filters"] == sum(s[0] for s in r["tensor_shapes"] if len(s) >= 2)
+    for rho in r["rhos"]:
+        assert r["ratio_min"][str(rho)] == pytest.approx(rho, abs=1e-6 + 1e-5 * rho)
+        assert r["ratio_max"][str(rho)] == pytest.approx(rho, abs=1e-6 + 1e-5 * rho)
+        assert r["perturb_hand_vs_library"][str(rho)] < 1e-6
+    cos = {float(k): v for k, v in r["cosines"].items()}
+    assert cos[0.0] == [1.0] and r["cos_self"] == pytest.approx(1.0, abs=1e-5)
+    assert all(len(v) == 2 and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in v) for rho, v in cos.items() if rho > 0)
+    assert np.mean(cos[0.01]) > np.mean(cos[0.3])  # a larger step turns the meta-gradient further
+    assert all(np.isfinite(v).all() for v in r["rho_loss"].values()) and len(r["cos_other_plans"]) == 2
+    assert r["slider_value"] == r["slider_start"] == max(r["rhos"])
+    # 3. the texture set: the canvas asked for (2 × 28), the roll identity, the crop = the modular gather
+    tex = r["texture"]
+    assert tex["asked"] == 56 and tex["record"] == {"canvas": [56, 56], "input": [28, 28]}
+    assert tex["images_shape"] == [10, 1, 56, 56]
+    assert tex["iterations"] == 8 and len(tex["loss"]) == 8 and np.isfinite(tex["loss"]).all()
+    assert tex["roll_identity"] is True and tex["crop_hand_err"] == 0
+    # the exercises' answers: the share of offsets whose 28 × 28 crop wraps, 1 − (56 − 28 + 1)² / 56², and
+    # ‖θ̃ − θ‖ = ρ ‖θ restricted to the tensors with ≥ 2 dimensions‖
+    assert r["exercise_2"]["expected"] == pytest.approx(1 - (56 - 28 + 1) ** 2 / 56**2)
+    assert r["exercise_1"]["expected"] == pytest.approx(r["exercise_1"]["by_filter_norms"], rel=1e-5)
+    # the ρ slider: the figure drawn statically, then the slider over an Output that only a change writes into
+    nb = nbformat.read(tmp_path / "10_extensions.out.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "display(widgets.VBox([rho_slider, gradient_view]))" in c.source]
+    shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
+    kinds = ["widget" if "application/vnd.jupyter.widget-view+json" in o.data else
+             "plotly" if "application/vnd.plotly.v1+json" in o.data else "other" for o in shown]
+    assert kinds == ["plotly", "widget"], [sorted(o.get("data", {})) for o in cell.outputs]
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    assert all(m["state"].get("outputs", []) == [] for m in state.values() if m["model_name"] == "OutputModel")

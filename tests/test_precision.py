@@ -95,9 +95,12 @@ def test_fp32_default_is_the_explicit_fp32_path_bit_for_bit(mode, soft):
     _equal(_mg(mode, prob, precision="fp32", loss_scale=1.0), default)
 
 
-def test_config_field_is_last_and_old_dicts_and_presets_still_load():
+def test_config_field_is_after_the_positional_ones_and_old_dicts_and_presets_still_load():
     names = [f.name for f in dataclasses.fields(DistillConfig)]
-    assert names[-1] == "precision" and DistillConfig().precision == "fp32"
+    # PRESETS build configs positionally (dataset … batch_syn): a new field must come after those
+    assert names[:10] == ["dataset", "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "iterations", "lr_img",
+                          "lr_lr", "lr_teacher", "batch_syn"]
+    assert names.index("precision") > names.index("checkpoint_every") and DistillConfig().precision == "fp32"
     old = {k: v for k, v in DistillConfig(ipc=3).to_dict().items() if k != "precision"}  # a file from before
     assert DistillConfig.from_dict(old) == DistillConfig(ipc=3)
     assert PRESETS["cifar10-ipc10"].syn_steps == 30 and PRESETS["cifar10-ipc10"].precision == "fp32"

@@ -151,13 +151,14 @@ def test_pixels_undoes_zca_then_normalisation():
 
 def test_png_grid_has_one_row_per_class(tmp_path):
     s, p = make_set(n_per_class=2, k=3, h=5, w=7)  # shuffled storage order
-    path = s.save_png_grid(tmp_path / "grid.png")
+    path = s.save_png_grid(tmp_path / "grid.png", scale=1, names=False)
     img = Image.open(path)
-    # torchvision make_grid, padding 2: width = ipc (7 + 2) + 2, height = K (5 + 2) + 2
+    # mttlite.grid at scale 1 without names, 2 px apart: width = ipc (7 + 2) + 2, height = K (5 + 2) + 2
+    # (tests/test_report.py checks other scales, the names and colour images)
     assert img.size == (2 * 9 + 2, 3 * 7 + 2)
-    arr = torch.tensor(np.array(img.convert("L"))).long()  # (H, W) uint8 grey (save_image wrote RGB copies)
+    arr = torch.tensor(np.array(img.convert("L"))).long()  # (H, W) uint8 grey
     y = s.labels
-    quantised = (p * 255 + 0.5).floor().long()  # save_image: mul(255).add(0.5).clamp.to(uint8)
+    quantised = (p * 255 + 0.5).floor().long()  # the byte of p: ⌊255 p + 0.5⌋
     for c in range(3):
         members = quantised[y == c]  # class c's images in storage order = left to right in row c
         for j in range(2):

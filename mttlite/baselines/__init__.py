@@ -20,6 +20,9 @@ method          what it does                                               modul
 
 Multi-level gradient matching is an option of the DC family: ``inter_class=True`` (intra- and
 inter-class gradients) and ``distance="angle"`` (``gradient_distance.py`` gives the equation).
+Model augmentation (Zhang et al. 2023, ``mttlite.model_augment``) is an option of the DC family and
+DM: ``model_pool=<expert buffer>`` (networks start from its experts' early epochs ``pool_epochs``,
+default 0 … 2, instead of a fresh init) and ``rho`` (each start perturbed, every filter by ρ·‖θ_{l,j}‖).
 
 Every method returns a :class:`mttlite.synset.SyntheticSet` with hard, class-major labels, its name
 in ``method``, every setting in ``config``, and ``provenance["cost"]`` (wall seconds, peak memory).

@@ -146,6 +146,47 @@ def detached_params(net: nn.Module, requires_grad: bool = False) -> dict[str, Te
     return {n: p.detach().clone().requires_grad_(requires_grad) for n, p in net.named_parameters()}
 
 
+def start_params(net: nn.Module, pool=None, rho: float = 0.0, gen: torch.Generator | None = None,
+                 requires_grad: bool = False) -> dict[str, Tensor]:
+    """θ_0 of one outer iteration, as a name-keyed dict of fresh leaves (``functional_call`` input).
+
+    Plain (pool None, ρ = 0): ``net``'s own weights (:func:`detached_params`; a fresh init), nothing drawn.
+    Model augmentation (``mttlite.model_augment``): with a pool, θ_0 = a checkpoint drawn from it
+    (``EarlyPool.sample``) instead; with ρ > 0, θ_0 ← ``perturb(θ_0, ρ)``, every filter moved by ρ·‖θ_{l,j}‖.
+    Both draw from ``gen`` (the pool's index first, then the noise), on the CPU.
+    """
+    if pool is None and rho == 0:
+        return detached_params(net, requires_grad)
+    from ..model_augment import perturb
+    from ..params import ParamSpec
+
+    spec = ParamSpec.from_module(net)
+    device = next(net.parameters()).device
+    theta = pool.sample(gen, device) if pool is not None else spec.flatten(detached_params(net))  # (P,)
+    theta = perturb(theta, spec, rho, gen)
+    return {n: p.clone().requires_grad_(requires_grad) for n, p in spec.unflatten(theta).items()}
+
+
+def augmentation_settings(model_pool, pool_epochs, rho, dataset, arch: str, width: int, depth, norm, method: str):
+    """Check a method's model-augmentation options before any work: (pool or None, ρ), else a ValueError
+    naming the field (``rho``, ``pool_epochs``, ``model_pool``). The pool must hold checkpoints of the
+    network the method builds (arch, width, depth, norm) on the same data set."""
+    from ..model_augment import check_rho, open_pool
+
+    rho = check_rho(rho, "rho")
+    with torch.random.fork_rng(devices=[]):  # a probe network, only to compare with the pool's
+        probe = get_network(arch, dataset.channel, dataset.num_classes, im_size=tuple(dataset.im_size), width=width,
+                            depth=depth, norm=norm, generator=torch.Generator().manual_seed(0))
+    pool = open_pool(model_pool, pool_epochs, probe, dataset, f"method {method!r}",
+                     {"arch": arch, "width": width, "depth": depth, "norm": norm})
+    return pool, rho
+
+
+def augmentation_record(pool, rho: float) -> dict:
+    """The model-augmentation part of a set's config: the pool (buffer, experts, epochs) and ρ."""
+    return {"model_pool": None if pool is None else pool.describe(), "rho": rho}
+
+
 class EmbedOf(nn.Module):
     """``forward = net.embed``, so that the embedding too is called as ``functional_call(EmbedOf(net), θ', x)``.
 

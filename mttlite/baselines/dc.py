@@ -47,14 +47,16 @@ from ..augment import default_strategy, dsa, parse_strategy
 from ..evaluate import random_real_subset
 from .common import (
     DEFAULT_WIDTH,
+    augmentation_record,
+    augmentation_settings,
     check_ipc,
     class_indices,
     class_major_labels,
-    detached_params,
     draw_seed,
     measure_cost,
     random_network,
     sample_real,
+    start_params,
     to_synset,
 )
 from .gradient_distance import DISTANCES, gradient_distance
@@ -160,8 +162,15 @@ def matching_iteration(net: nn.Module, params: dict[str, Tensor], images: Tensor
 def gradient_matching(dataset, ipc: int, method: str, iterations: int, outer_loop: int | None, inner_loop: int | None,
                       intra_class: bool, inter_class: bool, distance: str, mag_weight: float, dsa_strategy: str | None,
                       lr_img: float, momentum: float, lr_net: float, batch_real: int, batch_train: int, arch: str,
-                      width: int, depth: int | None, norm: str | None, pix_init: str, seed: int, device, progress: bool):
-    """The DC / DSA / DCC / multi-level loop (module docstring); returns a ``SyntheticSet``."""
+                      width: int, depth: int | None, norm: str | None, pix_init: str, seed: int, device, progress: bool,
+                      model_pool=None, pool_epochs=None, rho: float = 0.0):
+    """The DC / DSA / DCC / multi-level loop (module docstring); returns a ``SyntheticSet``.
+
+    Model augmentation (Zhang et al. 2023, ``mttlite.model_augment``): ``model_pool`` (an expert buffer
+    or an ``EarlyPool``) with ``pool_epochs`` makes each iteration start from a checkpoint drawn from
+    the experts' early epochs instead of a fresh init, and ``rho`` > 0 perturbs that start, every filter
+    by ρ·‖θ_{l,j}‖. The budget knobs the paper cuts are ``iterations``, ``outer_loop`` and ``inner_loop``.
+    """
     ipc = check_ipc(dataset, ipc)
     if outer_loop is None or inner_loop is None:
         if ipc not in LOOPS:
@@ -183,12 +192,13 @@ def gradient_matching(dataset, ipc: int, method: str, iterations: int, outer_loo
     if bad:
         raise ValueError(f"invalid {method} settings:\n  " + "\n  ".join(bad))
     parse_strategy(dsa_strategy)  # ValueError listing the valid DSA ops
+    pool, rho = augmentation_settings(model_pool, pool_epochs, rho, dataset, arch, width, depth, norm, method)
     strategy = dsa_strategy or ""
     config = {"ipc": ipc, "iterations": iterations, "outer_loop": outer_loop, "inner_loop": inner_loop,
               "intra_class": intra_class, "inter_class": inter_class, "distance": distance, "mag_weight": mag_weight,
               "dsa_strategy": strategy, "lr_img": lr_img, "momentum": momentum, "lr_net": lr_net,
               "batch_real": batch_real, "batch_train": batch_train, "arch": arch, "width": width, "depth": depth,
-              "norm": norm, "pix_init": pix_init, "seed": int(seed)}
+              "norm": norm, "pix_init": pix_init, "seed": int(seed), **augmentation_record(pool, rho)}
 
     with measure_cost(device) as cost:
         gen = torch.Generator().manual_seed(int(seed))
@@ -203,9 +213,11 @@ def gradient_matching(dataset, ipc: int, method: str, iterations: int, outer_loo
         real_images = dataset.train_images.to(device)  # once, so every real batch is drawn on the device
         members = [m.to(device) for m in class_indices(dataset)]
         history = []  # per iteration, its (outer_loop,) losses, on the device until the end
+        # with a pool, one network is only the function f(x; θ): its own weights are never used
+        template = None if pool is None else random_network(dataset, gen, arch, width, depth, norm, device)
         for _ in tqdm(range(iterations), desc=method, disable=not progress):
-            net = random_network(dataset, gen, arch, width, depth, norm, device)  # θ_0 ~ P_θ0
-            params = detached_params(net, requires_grad=True)
+            net = random_network(dataset, gen, arch, width, depth, norm, device) if pool is None else template
+            params = start_params(net, pool, rho, gen, requires_grad=True)  # θ_0 ~ P_θ0, or the pool (+ ρ)
             history.append(matching_iteration(net, params, images, labels, opt, real_images, members, ipc, outer_loop,
                                               inner_loop, intra_class, inter_class, distance, mag_weight, strategy,
                                               lr_net, batch_real, batch_train, gen))
@@ -222,12 +234,14 @@ def dc_set(dataset, ipc: int, iterations: int = 100, outer_loop: int | None = No
            inter_class: bool = False, distance: str = "dc", mag_weight: float = 0.1, dsa_strategy: str | None = "",
            lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01, batch_real: int = 64,
            batch_train: int = 256, arch: str = "convnet", width: int = DEFAULT_WIDTH, depth: int | None = None,
-           norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu", progress: bool = False):
+           norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu", progress: bool = False,
+           model_pool=None, pool_epochs=None, rho: float = 0.0):
     """DC: per-class gradient matching (``inter_class=True`` adds the class-summed term: multi-level).
 
     dsa_strategy: "" = no augmentation (DC); None = the dataset's DSA strategy (that is DSA).
+    model_pool, pool_epochs, rho: model augmentation (``gradient_matching``; off by default).
     """
     strategy = default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
     return gradient_matching(dataset, ipc, "dc", iterations, outer_loop, inner_loop, True, inter_class, distance,
                              mag_weight, strategy, lr_img, momentum, lr_net, batch_real, batch_train, arch, width,
-                             depth, norm, pix_init, seed, device, progress)
+                             depth, norm, pix_init, seed, device, progress, model_pool, pool_epochs, rho)

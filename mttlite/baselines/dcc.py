@@ -23,9 +23,10 @@ def dcc_set(dataset, ipc: int, iterations: int = 100, outer_loop: int | None = N
             intra_class: bool = False, distance: str = "dc", mag_weight: float = 0.1, dsa_strategy: str | None = "",
             lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01, batch_real: int = 64,
             batch_train: int = 256, arch: str = "convnet", width: int = DEFAULT_WIDTH, depth: int | None = None,
-            norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu", progress: bool = False):
+            norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu", progress: bool = False,
+            model_pool=None, pool_epochs=None, rho: float = 0.0):
     """DCC: gradient matching on the class-summed loss. dsa_strategy: "" none (default), or a DSA strategy."""
     strategy = default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
     return gradient_matching(dataset, ipc, "dcc", iterations, outer_loop, inner_loop, intra_class, True, distance,
                              mag_weight, strategy, lr_img, momentum, lr_net, batch_real, batch_train, arch, width,
-                             depth, norm, pix_init, seed, device, progress)
+                             depth, norm, pix_init, seed, device, progress, model_pool, pool_epochs, rho)

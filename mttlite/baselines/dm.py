@@ -11,6 +11,10 @@ images) and A_ω DSA with the same ω for both sides of class c (``dsa(·, seed=
 This is an empirical maximum mean discrepancy with the random networks as the kernel's features.
 Images: SGD with lr_img = 1, momentum 0.5 (DM's settings), initialised from real images; the paper
 runs 20 000 iterations with batch_real = 256 on width 128.
+
+Model augmentation (Zhang et al. 2023, ``mttlite.model_augment``), off by default: with
+``model_pool`` ψ_θ is an early-stage checkpoint drawn from an expert buffer's first epochs instead
+of a fresh init, and with ``rho`` > 0 that θ is perturbed, every filter by ρ·‖θ_{l,j}‖.
 """
 from __future__ import annotations
 
@@ -26,15 +30,17 @@ from ..evaluate import random_real_subset
 from .common import (
     DEFAULT_WIDTH,
     EmbedOf,
+    augmentation_record,
+    augmentation_settings,
     check_ipc,
     class_indices,
     class_major_labels,
-    detached_params,
     draw_seed,
     embed_params,
     measure_cost,
     random_network,
     sample_real,
+    start_params,
     to_synset,
 )
 from .dc import PIX_INITS
@@ -74,8 +80,11 @@ def dm_iteration(model: EmbedOf, params: dict[str, Tensor], images: Tensor, opt:
 def dm_set(dataset, ipc: int, iterations: int = 200, lr_img: float = 1.0, momentum: float = 0.5,
            batch_real: int = 256, dsa_strategy: str | None = None, arch: str = "convnet", width: int = DEFAULT_WIDTH,
            depth: int | None = None, norm: str | None = None, pix_init: str = "real", seed: int = 0, device="cpu",
-           progress: bool = False):
-    """Distribution matching; dsa_strategy None → the dataset's DSA strategy, "" → none."""
+           progress: bool = False, model_pool=None, pool_epochs=None, rho: float = 0.0):
+    """Distribution matching; dsa_strategy None → the dataset's DSA strategy, "" → none.
+
+    model_pool (an expert buffer, its directory or an ``EarlyPool``), pool_epochs (E: epochs 0 … E, or a
+    list), rho: model augmentation (module docstring; off by default)."""
     ipc = check_ipc(dataset, ipc)
     strategy = default_strategy(dataset.name) if dsa_strategy is None else dsa_strategy
     parse_strategy(strategy)
@@ -88,9 +97,10 @@ def dm_set(dataset, ipc: int, iterations: int = 200, lr_img: float = 1.0, moment
         bad.append(f"lr_img must be > 0, got {lr_img!r}")
     if bad:
         raise ValueError("invalid dm settings:\n  " + "\n  ".join(bad))
+    pool, rho = augmentation_settings(model_pool, pool_epochs, rho, dataset, arch, width, depth, norm, "dm")
     config = {"ipc": ipc, "iterations": iterations, "lr_img": lr_img, "momentum": momentum, "batch_real": batch_real,
               "dsa_strategy": strategy, "arch": arch, "width": width, "depth": depth, "norm": norm,
-              "pix_init": pix_init, "seed": int(seed)}
+              "pix_init": pix_init, "seed": int(seed), **augmentation_record(pool, rho)}
     with measure_cost(device) as cost:
         gen = torch.Generator().manual_seed(int(seed))
         K = dataset.num_classes
@@ -104,9 +114,11 @@ def dm_set(dataset, ipc: int, iterations: int = 200, lr_img: float = 1.0, moment
         real_images = dataset.train_images.to(device)  # once, so every real batch is drawn on the device
         members = [m.to(device) for m in class_indices(dataset)]
         history = []  # one loss per iteration, on the device until the end of the run
+        # with a pool, one network is only the function ψ(x; θ): its own weights are never used
+        template = None if pool is None else random_network(dataset, gen, arch, width, depth, norm, device)
         for _ in tqdm(range(iterations), desc="dm", disable=not progress):
-            net = random_network(dataset, gen, arch, width, depth, norm, device)  # θ ~ P_θ, frozen
-            model, params = EmbedOf(net), embed_params(detached_params(net))
+            net = random_network(dataset, gen, arch, width, depth, norm, device) if pool is None else template
+            model, params = EmbedOf(net), embed_params(start_params(net, pool, rho, gen))  # θ ~ P_θ or the pool (+ ρ)
             history.append(dm_iteration(model, params, images, opt, real_images, members, ipc, batch_real, strategy,
                                         gen))
         history = [round(v, 5) for v in torch.stack(history).tolist()] if history else []

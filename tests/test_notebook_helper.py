@@ -1,0 +1,142 @@
+"""``mttlite.notebook`` on Colab, without Colab: the light ``colab`` extra and the requirement the set-up
+cell installs, the expert cache (a folder, e.g. on Google Drive, linked where the notebooks keep their
+experts) and ``setup()`` with a stand-in ``google.colab`` (``on_colab`` monkeypatched)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from mttlite import notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+Requirement = pytest.importorskip("packaging.requirements").Requirement
+
+
+def extras() -> dict[str, dict[str, Requirement]]:
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return {name: {Requirement(r).name: Requirement(r) for r in reqs}
+            for name, reqs in doc["project"]["optional-dependencies"].items()}
+
+
+def test_colab_installs_the_light_extra():
+    colab = extras()["colab"]
+    assert sorted(colab) == ["ipywidgets", "plotly", "tqdm"]  # no jupyterlab, papermill, jupytext
+    notebooks = extras()["notebooks"]
+    for name in ("plotly", "ipywidgets"):  # the versions the notebooks are tested with
+        assert colab[name].specifier == notebooks[name].specifier
+    req = Requirement(notebook.pip_requirement("https://github.com/someone/fork"))
+    assert (req.name, req.extras, req.url) == ("mttlite", {"colab"}, "git+https://github.com/someone/fork.git")
+
+
+def test_expert_cache_dir_argument_then_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(notebook.EXPERT_CACHE_ENV, raising=False)
+    assert notebook.expert_cache_dir() is None
+    monkeypatch.setenv(notebook.EXPERT_CACHE_ENV, "")
+    assert notebook.expert_cache_dir() is None
+    monkeypatch.setenv(notebook.EXPERT_CACHE_ENV, str(tmp_path / "env"))
+    assert notebook.expert_cache_dir() == tmp_path / "env"
+    assert notebook.expert_cache_dir(tmp_path / "arg") == tmp_path / "arg"  # the argument wins
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert notebook.expert_cache_dir("~/cache") == tmp_path / "cache"
+
+
+def test_needs_drive():
+    assert notebook.needs_drive("/content/drive/MyDrive/mttlite")
+    assert not notebook.needs_drive("/content/drive2/x") and not notebook.needs_drive("/content/runs")
+
+
+def test_link_expert_cache(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    link = Path(notebook.BUFFER_ROOT)
+    a, b = tmp_path / "drive" / "a", tmp_path / "drive" / "b"
+    assert notebook.link_expert_cache(a) == link and link.is_symlink() and a.is_dir()
+    (link / "expert.safetensors").write_text("x")  # written through the link: lands in the cache
+    assert (a / "expert.safetensors").read_text() == "x"
+    assert notebook.link_expert_cache(a) == link and link.resolve() == a.resolve()  # again: unchanged
+    notebook.link_expert_cache(b)  # re-pointed
+    assert link.resolve() == b.resolve() and (a / "expert.safetensors").exists()
+    link.unlink()
+    link.mkdir()
+    notebook.link_expert_cache(a)  # an empty folder is replaced
+    assert link.resolve() == a.resolve()
+    link.unlink()
+    link.mkdir()
+    (link / "expert.safetensors").write_text("local")
+    with pytest.raises(ValueError, match="already holds files; move them to"):
+        notebook.link_expert_cache(b)
+    assert not link.is_symlink() and (link / "expert.safetensors").read_text() == "local"  # left alone
+    other = tmp_path / "file"
+    other.write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        notebook.link_expert_cache(a, link=other)
+
+
+@pytest.fixture
+def colab(monkeypatch, tmp_path):
+    """A stand-in google.colab (output, drive) and Drive mounted under tmp_path; records the calls."""
+    import torch
+
+    calls = []
+    mount_point = tmp_path / "content" / "drive"
+
+    def mount(path):
+        calls.append(("mount", path))
+        (Path(path) / "MyDrive").mkdir(parents=True)
+
+    output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append(("widgets",)))
+    module = types.ModuleType("google.colab")
+    module.output, module.drive = output, types.SimpleNamespace(mount=mount)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", module)
+    monkeypatch.setattr(notebook, "on_colab", lambda: True)
+    monkeypatch.setattr(notebook, "DRIVE_MOUNT", str(mount_point))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(notebook.EXPERT_CACHE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return types.SimpleNamespace(calls=calls, drive=mount_point)
+
+
+def test_setup_on_colab_mounts_drive_for_a_drive_cache(colab, capsys):
+    cache = colab.drive / "MyDrive" / "mttlite" / "buffers"
+    assert notebook.setup(expert_cache=cache) == "cpu"
+    assert colab.calls == [("widgets",), ("mount", str(colab.drive))]
+    assert Path(notebook.BUFFER_ROOT).resolve() == cache.resolve()
+    out = capsys.readouterr().out
+    assert f"expert cache: {notebook.BUFFER_ROOT} -> {cache}" in out and "Change runtime type" in out
+    colab.calls.clear()
+    notebook.setup(expert_cache=cache)  # Drive is mounted now: not again
+    assert colab.calls == [("widgets",)]
+
+
+def test_setup_takes_the_cache_from_the_environment(colab, monkeypatch, tmp_path):
+    monkeypatch.setenv(notebook.EXPERT_CACHE_ENV, str(tmp_path / "local-cache"))  # not on Drive: no mount
+    notebook.setup()
+    assert colab.calls == [("widgets",)]
+    assert Path(notebook.BUFFER_ROOT).resolve() == (tmp_path / "local-cache").resolve()
+
+
+def test_setup_without_a_cache_links_nothing(colab, tmp_path):
+    notebook.setup()
+    assert colab.calls == [("widgets",)] and not (tmp_path / "runs").exists()
+
+
+def test_import_touches_neither_colab_nor_drive(tmp_path):
+    code = "import sys, mttlite.notebook; print(sorted(m for m in sys.modules if m.startswith('google')))"
+    env = {"PATH": "", "MTTLITE_EXPERT_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]" and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")), ids=lambda p: p.stem)
+def test_notebooks_keep_their_experts_where_the_cache_is_linked(path):
+    roots = re.findall(r'^buffer_root = "([^"]*)"', path.read_text(), re.M)
+    if not roots:
+        pytest.skip(f"{path.stem} trains no shared experts")
+    assert roots[0] == notebook.BUFFER_ROOT  # the parameters cell's default
