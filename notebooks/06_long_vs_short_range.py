@@ -17,7 +17,7 @@
 #
 # # 06 · Long range vs short range: the paper's ablation, small
 #
-# **In the paper:** the ablation of $N$ (student steps) against $M$ (expert epochs) and the paper's
+# **In the paper:** $N$ and $M$ in Eq. 2 — the ablation of $N$ (student steps) against $M$ (expert epochs) — and the paper's
 # comparison of long-range with short-range (one-step) matching; the symbols are defined in
 # [`docs/method.md`](../docs/method.md) ("Long range beats short range").
 #
