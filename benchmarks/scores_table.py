@@ -10,7 +10,8 @@ what a user's command gives), under ONE protocol for every set (``--epochs``, ``
 ``--width``; the set's learned α as η, DSA) and the same swaps (augmentation none / DSA / crop /
 flip, ``--swap-archs``, ``--swap-epochs``). The full-data accuracy that LRS needs (Acc(real, hard))
 is measured once per data set (``mttlite.scores.full_data_accuracy``: no augmentation, η = 0.01,
-``--full-epochs``) and handed to every set, or given with ``--full-acc``.
+``--full-epochs``, at the sets' own width, which they must share unless ``--width`` is given) and
+handed to every set, or given with ``--full-acc``.
 
 Resumable: each set's ``results.json`` is kept in ``<out>/sets/<name>.json`` and reused when its
 protocol is the one asked for; the full-data accuracy in ``<out>/full-<dataset>.json``. Outputs:
@@ -59,12 +60,25 @@ def _protocol_flags(a) -> list[str]:
     return flags
 
 
-def full_accuracy(dataset: str, a, out: Path) -> float:
-    """Acc(real, hard) for ``dataset`` under the table's protocol: given, cached, or measured once."""
+def set_width(paths: list[str]) -> int | None:
+    """The one ConvNet width the sets were made for (what ``mttlite evaluate`` uses without --width);
+    a ValueError when they differ (then the table needs --width)."""
+    from mttlite.synset import SyntheticSet
+
+    widths = {SyntheticSet.load(ROOT / p if (ROOT / p).exists() else p).arch_kwargs.get("width") for p in paths}
+    if len(widths) > 1:
+        raise ValueError(f"the sets were made for different widths {sorted(widths, key=str)}: pass --width "
+                         "so that every set and the full-data accuracy share one protocol")
+    return widths.pop()
+
+
+def full_accuracy(dataset: str, a, out: Path, width: int | None) -> float:
+    """Acc(real, hard) for ``dataset`` under the table's protocol (at ``width``, the sets' width unless
+    --width): given, cached, or measured once."""
     if a.full_acc is not None:
         return a.full_acc
     path = out / f"full-{dataset}.json"
-    want = {"dataset": dataset, "epochs": a.full_epochs, "num_nets": a.num_nets, "width": a.width}
+    want = {"dataset": dataset, "epochs": a.full_epochs, "num_nets": a.num_nets, "width": width}
     if path.exists():
         doc = json.loads(path.read_text())
         if doc.get("inputs") == want:
@@ -77,7 +91,7 @@ def full_accuracy(dataset: str, a, out: Path) -> float:
 
     torch.set_num_threads(a.threads)
     ds = load_dataset(dataset, root=a.data_root)
-    kw = {} if a.width is None else {"width": a.width}
+    kw = {} if width is None else {"width": width}
     res = full_data_accuracy(ds, EvalProtocol(epochs=a.epochs, num_nets=a.num_nets, seed=0, **kw), a.full_epochs)
     _write_json(path, {"inputs": want, "mean": res.mean, "std": res.std, "accs": res.accs, "seconds": res.seconds})
     print(f"full data ({dataset}, {a.full_epochs} epochs, {a.num_nets} nets): {100 * res.mean:.2f} %", flush=True)
@@ -196,7 +210,11 @@ def main(argv=None) -> int:
         p.error(f"missing set file(s): {missing} (build them first: the module docstring says with which command)")
 
     t0 = time.perf_counter()
-    full = {ds: full_accuracy(ds, a, out) for ds in sorted({d for _, _, d in sets})}
+    try:
+        width = a.width if a.width is not None else set_width([path for _, path, _ in sets])
+    except ValueError as e:
+        p.error(str(e))
+    full = {ds: full_accuracy(ds, a, out, width) for ds in sorted({d for _, _, d in sets})}
     docs = {name: evaluate_one(name, path, ds, full[ds], a, out) for name, path, ds in sets}
     command = shlex.join(["benchmarks/scores_table.py", *(sys.argv[1:] if argv is None else argv)])
     from common import hardware  # benchmarks/common.py (imported here, so --help needs no torch)

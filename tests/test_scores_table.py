@@ -40,6 +40,9 @@ def test_scores_and_swaps_table(tmp_path):
     doc = json.loads((out / "scores.json").read_text())
     full = doc["full_acc"]["fashion-mnist-mini"]
     assert 0 < full <= 1 and set(doc["sets"]) == {"random", "random-lr"}
+    # the full data was trained at the sets' protocol width (8 at --quick), the width of every set's networks
+    assert json.loads((out / "full-fashion-mnist-mini.json").read_text())["inputs"]["width"] == 8
+    assert all(d["protocol"]["width"] == 8 for d in doc["sets"].values())
     for name, d in doc["sets"].items():
         sc, acc = d["scores"], d["scores"]["accuracies"]
         assert acc["real_hard"] == full  # measured once, handed to every set
@@ -58,3 +61,23 @@ def test_scores_and_swaps_table(tmp_path):
     again = run(out)
     assert again.stdout.count("cached") == 2
     assert json.loads((out / "scores.json").read_text())["sets"] == doc["sets"]
+
+
+def test_the_full_data_width_is_the_sets_own_and_must_be_shared(tmp_path):
+    """Without --width the full-data networks take the sets' width (what `mttlite evaluate` gives each
+    set); sets made for different widths are refused rather than scored under two protocols."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import scores_table
+    from mttlite.synset import SyntheticSet
+
+    paths = []
+    for width in (16, 16, 32):
+        s = SyntheticSet(images=torch.zeros(2, 1, 8, 8), labels=torch.tensor([0, 1]), syn_lr=None, dataset="toy",
+                         class_names=["a", "b"], mean=(0.0,), std=(1.0,), arch_kwargs={"width": width})
+        paths.append(str(tmp_path / f"w{width}-{len(paths)}.safetensors"))
+        s.save(paths[-1])
+    assert scores_table.set_width(paths[:2]) == 16
+    with pytest.raises(ValueError, match=r"different widths \[16, 32\]: pass --width"):
+        scores_table.set_width(paths)
