@@ -75,3 +75,24 @@ def toy_dataset(n_per_class: int = 8, K: int = 3, seed: int = 0):
     return SimpleNamespace(name="toy", train_images=images, train_labels=labels, test_images=images,
                            test_labels=labels, num_classes=K, channel=1, im_size=(8, 8),
                            class_names=[chr(ord("a") + k) for k in range(K)], mean=(0.0,), std=(1.0,), zca=None)
+
+
+class Interrupt(Exception):
+    """Raised by a ``run`` callback to stop a distillation between checkpoints, as a crash would."""
+
+
+def interrupt_then_resume(make_distiller, out, stop_at: int, callbacks=()):
+    """Run ``make_distiller()`` into ``out`` and stop it right after iteration ``stop_at`` (its state since
+    the last checkpoint is lost), then run a fresh ``make_distiller()`` on the same ``out`` to the end;
+    ``callbacks`` go to that second run. Returns the resumed Distiller."""
+    import pytest
+
+    from mttlite.distill import run
+
+    def stop(info):
+        if info.iteration == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(make_distiller(), out, callbacks=(stop,), progress=False)
+    return run(make_distiller(), out, callbacks=callbacks, progress=False)

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet, toy_dataset
+from core_helpers import MemoryTrajectories, interrupt_then_resume, sgd_trajectories, tiny_convnet, toy_dataset
 from mttlite.distill import PRESETS, DistillationDiverged, DistillConfig, Distiller, preset, run
 
 
@@ -80,18 +80,9 @@ def test_resume_is_bit_identical_to_uninterrupted(setup, tmp_path):
     ds, net, experts = setup
     full = run(Distiller(_config(), ds, net, experts), tmp_path / "a", progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(info):
-        if info.iteration == 5:
-            raise Interrupt  # after iteration 5; the last checkpoint is iteration 4
-
-    with pytest.raises(Interrupt):
-        run(Distiller(_config(), ds, net, experts), tmp_path / "b", callbacks=(stop_at_5,), progress=False)
-    seen = []
-    resumed = run(Distiller(_config(), ds, net, experts), tmp_path / "b",
-                  callbacks=(lambda i: seen.append(i.iteration),), progress=False)
+    seen = []  # stopped after iteration 5; the last checkpoint is iteration 4
+    resumed = interrupt_then_resume(lambda: Distiller(_config(), ds, net, experts), tmp_path / "b", stop_at=5,
+                                    callbacks=(lambda i: seen.append(i.iteration),))
     assert seen == [5, 6]  # it continued from the checkpoint, it did not start over
     assert torch.equal(resumed.images, full.images)
     assert torch.equal(resumed.syn_lr, full.syn_lr)

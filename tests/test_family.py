@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet, toy_dataset
+from core_helpers import MemoryTrajectories, interrupt_then_resume, sgd_trajectories, tiny_convnet, toy_dataset
 from device_guard import DeviceGuard
 from mttlite.distill import (
     NUM_SCALARS,
@@ -392,16 +392,8 @@ def test_resume_is_bit_identical_with_every_switch_on(setup, tmp_path):
     cfg = _config(**SWITCHES)
     full = run(Distiller(cfg, ds, net, experts), tmp_path / "a", progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(info):
-        if info.iteration == 5:
-            raise Interrupt  # the last checkpoint is iteration 4
-
-    with pytest.raises(Interrupt):
-        run(Distiller(cfg, ds, net, experts), tmp_path / "b", callbacks=(stop_at_5,), progress=False)
-    resumed = run(Distiller(cfg, ds, net, experts), tmp_path / "b", progress=False)
+    # stopped after iteration 5; the last checkpoint is iteration 4
+    resumed = interrupt_then_resume(lambda: Distiller(cfg, ds, net, experts), tmp_path / "b", stop_at=5)
     for name in ("images", "label_logits", "images_ema", "alpha_raw"):
         assert torch.equal(getattr(resumed, name), getattr(full, name)), name
     assert torch.equal(resumed.opt_y.state[resumed.label_logits]["momentum_buffer"],

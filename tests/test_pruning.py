@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 
-from core_helpers import MemoryTrajectories, sgd_trajectories, tiny_convnet, toy_dataset
+from core_helpers import MemoryTrajectories, interrupt_then_resume, sgd_trajectories, tiny_convnet, toy_dataset
 from device_guard import DeviceGuard
 from mttlite.distill import NUM_SCALARS, DistillConfig, Distiller, run, start_window
 from mttlite.io import load_tensors
@@ -367,16 +367,8 @@ def test_resume_is_bit_identical_with_the_mismatch_mask(setup, tmp_path):
     cfg = _config(prune_rule="mismatch", prune_fraction=0.25, iterations=4)
     full = run(Distiller(cfg, ds, net, experts), tmp_path / "a", progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_3(info):
-        if info.iteration == 3:
-            raise Interrupt  # the last checkpoint is iteration 2
-
-    with pytest.raises(Interrupt):
-        run(Distiller(cfg, ds, net, experts), tmp_path / "b", callbacks=(stop_at_3,), progress=False)
-    resumed = run(Distiller(cfg, ds, net, experts), tmp_path / "b", progress=False)
+    # stopped after iteration 3; the last checkpoint is iteration 2
+    resumed = interrupt_then_resume(lambda: Distiller(cfg, ds, net, experts), tmp_path / "b", stop_at=3)
     assert torch.equal(resumed.images, full.images) and torch.equal(resumed.alpha_raw, full.alpha_raw)
     with pytest.raises(ValueError, match="prune_fraction"):  # the mask cannot change on resume
         run(Distiller(replace(cfg, prune_fraction=0.5, iterations=5), ds, net, experts), tmp_path / "b", progress=False)
