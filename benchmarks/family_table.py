@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/family_table.py                           # default CPU sizes (see below)
     .venv/bin/python benchmarks/family_table.py --quick --out /tmp/fam    # smoke test, < 60 s
     .venv/bin/python benchmarks/family_table.py --variants mtt,soft --ipcs 1 --workers 2
+    .venv/bin/python benchmarks/family_table.py --from-run runs/fmnist/cpu2 --ipcs 1   # full Fashion-MNIST
 
 Variants (``DistillConfig`` switches, each on top of the same plain-MTT configuration):
 
@@ -57,6 +58,16 @@ The switches' settings: DATM's (CIFAR-10) values, scaled to these short runs (``
   student overshooting the target before step N; the table reports n* (mean, and the share of
   iterations with n* < N): where n* = N throughout, the row is plain MTT.
 
+``--from-run DIR`` puts the table on a run of ``benchmarks/reproduce_fmnist.py`` instead (e.g. its CPU
+size on the full Fashion-MNIST): the run's data, loaded by the run script's own loader (the same subset
+at ``--size tiny``, the same held-out validation split; checked against the checksums in its
+``data.json``), its expert buffer ``DIR/buffer``, and, per IPC, its MTT configuration
+(``DIR/mtt-ipc<k>/distill.json``: N, M, T+, lr_img, lr_lr, α0, the iterations) as the plain-MTT row
+and the base every switch is added to; the evaluation is the run's (ConvNet-3 at the experts' width,
+the size's epochs and networks: 300 × 5 at CPU size, the same seeds). The ``mtt`` cell starts from the
+run's own finished checkpoint (copied into the cell, so it is not distilled again: the same
+configuration and seed would give the same set), so its accuracies are the run's own MTT row.
+
 Resumable per cell: a finished cell writes ``<out>/cells/<variant>-ipc<k>.json`` and is read back
 on a rerun (computing nothing; a cell computed with other settings is refused, use another
 ``--out``); an interrupted distillation resumes from its checkpoint in ``<out>/cells/<variant>-ipc<k>/``
@@ -76,6 +87,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -173,11 +185,26 @@ def switches(variant: str, ipc_settings: dict, lr_y: float, ema: float | str, ip
     return dict(each[variant])
 
 
+def run_config(from_run: str, ipc: int):
+    """The MTT configuration a reproduce_fmnist.py run distilled its IPC-``ipc`` set with (its distill.json)."""
+    from mttlite.distill import DistillConfig
+
+    path = Path(from_run) / f"mtt-ipc{ipc}" / "distill.json"
+    if not path.exists():
+        raise SystemExit(f"--from-run: {path} is missing: run `benchmarks/reproduce_fmnist.py --out {from_run} "
+                         f"--ipc {ipc} --stages distill` first (or leave IPC {ipc} out with --ipcs)")
+    return DistillConfig.from_dict(json.loads(path.read_text())["config"])
+
+
 def cell_config(variant: str, ipc: int, a: dict):
+    from dataclasses import replace
+
     from mttlite.distill import preset
 
     st = a["ipc_settings"][str(ipc)]
-    return preset("demo", dataset=DATASET, ipc=ipc, seed=a["seed"], checkpoint_every=a["checkpoint_every"], **st,
+    if a.get("from_run"):  # the run's MTT configuration, plus the variant's switches
+        return replace(run_config(a["from_run"], ipc), **switches(variant, st, a["lr_y"], a["ema_decay"], ipc))
+    return preset("demo", dataset=a["dataset"], ipc=ipc, seed=a["seed"], checkpoint_every=a["checkpoint_every"], **st,
                   **switches(variant, st, a["lr_y"], a["ema_decay"], ipc))
 
 
@@ -194,7 +221,7 @@ def _key(variant: str, ipc: int) -> str:
 def _inputs(variant: str, ipc: int, a: dict) -> dict:
     """Everything a cell's numbers depend on: a cached cell is used only if these are unchanged."""
     return {"variant": variant, "ipc": ipc, "config": cell_config(variant, ipc, a).to_dict(),
-            "protocol": protocol_for(a).to_dict(), "experts": a["experts"], "dataset": DATASET}
+            "protocol": protocol_for(a).to_dict(), "experts": a["experts"], "dataset": a["dataset"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +235,25 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _dataset():
+def _dataset(a: dict):
+    """The cell's data: the embedded set, or (``--from-run``) the run's full Fashion-MNIST with its split."""
     from mttlite.data import load_dataset
 
     if "ds" not in _DATA:
-        _DATA["ds"] = load_dataset(DATASET)
+        if a.get("from_run"):  # the run script's own loader: the same subset (tiny) and held-out split
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            import reproduce_fmnist as rf
+
+            stored = a["split"]
+            choice = "full" if stored["dataset"] == "fashion-mnist" else "mini"
+            ds, info = rf.load_data(a["run_size"], rf.SIZES[a["run_size"]], "cpu", choice)
+            for key in ("val_checksum", "train_checksum"):
+                if abs(info[key] - stored[key]) > 1e-6 * max(1.0, abs(stored[key])):
+                    raise SystemExit(f"--from-run: the data differ from the run's data.json ({key} {info[key]} vs "
+                                     f"{stored[key]}): another data file, subset or split seed")
+        else:
+            ds = load_dataset(a["dataset"])
+        _DATA["ds"] = ds
     return _DATA["ds"]
 
 
@@ -242,6 +283,33 @@ def cached_cell(variant: str, ipc: int, a: dict) -> dict | None:
     return doc
 
 
+def _from_run(run: Path, ipcs) -> dict:
+    """What a reproduce_fmnist.py run folder fixes: its split (data.json), its experts, its MTT settings per IPC."""
+    for need in ("data.json", "buffer/meta.json"):
+        if not (run / need).exists():
+            raise SystemExit(f"--from-run: {run / need} is missing: is {run} a benchmarks/reproduce_fmnist.py run "
+                             "folder whose data and experts stages finished?")
+    data = json.loads((run / "data.json").read_text())
+    meta = json.loads((run / "buffer" / "meta.json").read_text())
+    size = json.loads((run / "results.json").read_text())["size"] if (run / "results.json").exists() else None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce_fmnist as rf
+
+    if size not in rf.SIZES:
+        raise SystemExit(f"--from-run: {run / 'results.json'} does not name the run's --size (one of {sorted(rf.SIZES)})")
+    from mttlite.buffers import ExpertBuffer
+
+    buf = ExpertBuffer.open(run / "buffer")
+    experts = {"arch": meta["arch"], "width": meta["arch_kwargs"]["width"], "num_experts": len(buf),
+               "train_epochs": buf.epochs[-1], "seed": None, "path": str(run / "buffer")}
+    settings = {}
+    for i in ipcs:
+        c = run_config(str(run), i)
+        settings[str(i)] = {"syn_steps": c.syn_steps, "max_start_epoch": c.max_start_epoch, "iterations": c.iterations}
+    return {"data": data, "experts": experts, "ipc_settings": settings, "size": size,
+            "eval_epochs": rf.SIZES[size]["eval_epochs"], "num_nets": rf.SIZES[size]["num_nets"]}
+
+
 def _summary(res) -> dict:
     return {"accs": res.accs, "mean": res.mean, "std": res.std, "lr": res.lr, "seconds": round(res.seconds, 2),
             "train_accs": res.train_accs}
@@ -259,7 +327,7 @@ def run_cell(variant: str, ipc: int, a: dict) -> dict:
     key = _key(variant, ipc)
     cell_dir = Path(a["out"]) / "cells" / key
     t0 = time.perf_counter()
-    ds = _dataset()
+    ds = _dataset(a)
     buffer = ExpertBuffer.open(a["buffer"])
     config = cell_config(variant, ipc, a)
     protocol = protocol_for(a)
@@ -333,7 +401,7 @@ def _train_experts(a: dict) -> tuple[str, float]:
     except Exception:  # noqa: BLE001 - no buffer yet (or an incomplete one): train_experts resumes it
         complete = False
     t = time.perf_counter()
-    train_experts(_dataset(), path, num_experts=a["num_experts"], train_epochs=a["train_epochs"], width=a["width"],
+    train_experts(_dataset(a), path, num_experts=a["num_experts"], train_epochs=a["train_epochs"], width=a["width"],
                   seed=a["seed"], progress=False)
     return ("cached" if complete else "ran"), time.perf_counter() - t
 
@@ -439,6 +507,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the experts and the distillations")
     p.add_argument("--workers", type=int, default=1, help="cells computed at once, in separate processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--from-run", default=None, metavar="DIR",
+                   help="a benchmarks/reproduce_fmnist.py run folder: its data split, expert buffer and MTT settings "
+                        "per IPC (module docstring); --width/--num-experts/--train-epochs/--iterations do not apply")
     p.add_argument("--quick", action="store_true", help="tiny sizes (width 8, 2 experts x 3 epochs, 3 iterations, "
                                                         "5 eval epochs, 2 nets): checks the script in < 60 s")
     a = p.parse_args(argv)
@@ -449,7 +520,16 @@ def main(argv=None) -> int:
         p.error(f"unknown variants {bad}; choose from {','.join(VARIANTS + EXTENSIONS)}")
     ipcs = [int(i) for i in a.ipcs.split(",") if i]
     size = SIZES["quick" if a.quick else "default"]
-    if any(i not in size["ipc"] for i in ipcs):
+    run_info = None
+    if a.from_run:
+        if a.quick or any(getattr(a, k) is not None for k in ("width", "num_experts", "train_epochs", "iterations")):
+            p.error("--from-run takes the run's data, experts and iterations: drop --quick, --width, --num-experts, "
+                    "--train-epochs and --iterations")
+        run_info = _from_run(Path(a.from_run), ipcs)
+        size = {**size, "width": run_info["experts"]["width"], "num_experts": run_info["experts"]["num_experts"],
+                "train_epochs": run_info["experts"]["train_epochs"], "eval_epochs": run_info["eval_epochs"],
+                "num_nets": run_info["num_nets"]}
+    elif any(i not in size["ipc"] for i in ipcs):
         p.error(f"--ipcs: settings exist for IPC {sorted(size['ipc'])}")
     if a.ema_decay != "auto":
         try:
@@ -459,15 +539,27 @@ def main(argv=None) -> int:
     for name in ("width", "num_experts", "train_epochs", "eval_epochs", "num_nets"):
         if getattr(a, name) is None:
             setattr(a, name, size[name])
-    out = Path(a.out or ("runs/bench/family-quick" if a.quick else "runs/bench/family"))
-    ipc_settings = {str(i): {**size["ipc"][i], **({"iterations": a.iterations} if a.iterations else {})} for i in ipcs}
-    buffer = out / f"buffer-w{a.width}-n{a.num_experts}-e{a.train_epochs}"
-    args = {"out": str(out), "buffer": str(buffer), "width": a.width, "num_experts": a.num_experts,
+    default_out = "runs/bench/family-quick" if a.quick else "runs/bench/family"
+    if a.from_run:
+        default_out = str(Path(a.from_run) / "family")
+    out = Path(a.out or default_out)
+    if run_info:
+        ipc_settings = run_info["ipc_settings"]
+        buffer = Path(a.from_run) / "buffer"
+    else:
+        ipc_settings = {str(i): {**size["ipc"][i], **({"iterations": a.iterations} if a.iterations else {})}
+                        for i in ipcs}
+        buffer = out / f"buffer-w{a.width}-n{a.num_experts}-e{a.train_epochs}"
+    dataset = run_info["data"]["dataset"] if run_info else DATASET
+    args = {"out": str(out), "buffer": str(buffer), "dataset": dataset, "width": a.width, "num_experts": a.num_experts,
             "train_epochs": a.train_epochs, "eval_epochs": a.eval_epochs, "num_nets": a.num_nets, "lr_y": a.lr_y,
             "ema_decay": a.ema_decay, "seed": a.seed, "threads": a.threads, "ipc_settings": ipc_settings,
             "checkpoint_every": size["checkpoint_every"],
-            "experts": {"arch": "convnet", "width": a.width, "num_experts": a.num_experts,
-                        "train_epochs": a.train_epochs, "seed": a.seed}}
+            "from_run": a.from_run, "split": run_info["data"] if run_info else None,
+            "run_size": run_info["size"] if run_info else None,
+            "experts": run_info["experts"] if run_info else {"arch": "convnet", "width": a.width,
+                                                             "num_experts": a.num_experts,
+                                                             "train_epochs": a.train_epochs, "seed": a.seed}}
     _init_worker(a.threads)
     command = shlex.join([_interpreter(), "benchmarks/family_table.py", *(sys.argv[1:] if argv is None else argv)])
 
@@ -475,21 +567,35 @@ def main(argv=None) -> int:
     for v, i in cells:
         cell_config(v, i, args)  # every setting checked before any work
     protocol = protocol_for(args)
-    print(f"data: {DATASET} (embedded Fashion-MNIST: 6000 train / 1000 test, 1x28x28)")
+    if run_info:
+        d = run_info["data"]
+        print(f"data: {dataset} from the run {a.from_run}: {d['train']} train / {d['val']} validation held out / "
+              f"{d['test']} test")
+    else:
+        print(f"data: {DATASET} (embedded Fashion-MNIST: 6000 train / 1000 test, 1x28x28)")
     print(f"hardware: {_hardware()}; {a.workers} worker process(es) x {a.threads} torch thread(s)")
     print(f"protocol: {protocol.describe()}")
     for i in ipcs:
         base = cell_config("mtt", i, args)
-        print(f"IPC {i}: preset demo with N={base.syn_steps}, M={base.expert_epochs}, T+={base.max_start_epoch}, "
+        print(f"IPC {i}: {'the run' if run_info else 'preset demo'} with N={base.syn_steps}, M={base.expert_epochs}, T+={base.max_start_epoch}, "
               f"{base.iterations} iterations, lr_img={base.lr_img:g}, lr_lr={base.lr_lr:g}, α0={base.lr_teacher:g}")
         for v in variants:
             print(f"  {_key(v, i)}: {_settings_text(switches(v, ipc_settings[str(i)], a.lr_y, a.ema_decay, i))}")
 
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
-    status, seconds = _train_experts(args)
+    status, seconds = ("the run's", 0.0) if run_info else _train_experts(args)
     print(f"experts: {a.num_experts} x {a.train_epochs} epochs, ConvNet width {a.width} -> {buffer} "
           f"({status}, {seconds:.0f} s)", flush=True)
+
+    if run_info and "mtt" in variants:  # the run's finished MTT distillation is the mtt cell's (not redone)
+        for i in ipcs:
+            src = Path(a.from_run) / f"mtt-ipc{i}" / "checkpoint.safetensors"
+            dst = out / "cells" / _key("mtt", i) / "checkpoint.safetensors"
+            if src.exists() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
+                os.replace(dst.with_name(dst.name + ".tmp"), dst)
 
     docs, statuses, failures = {}, {}, []
     todo = []
@@ -549,7 +655,8 @@ def main(argv=None) -> int:
     settings_lines = []
     for i in ipcs:
         base = cell_config("mtt", i, args)
-        settings_lines.append(f"- IPC {i}: `preset(\"demo\")` with N = {base.syn_steps}, M = {base.expert_epochs}, "
+        origin = f"the run's (`{a.from_run}/mtt-ipc{i}/distill.json`)" if run_info else '`preset("demo")`'
+        settings_lines.append(f"- IPC {i}: {origin} with N = {base.syn_steps}, M = {base.expert_epochs}, "
                               f"T+ = {base.max_start_epoch}, {base.iterations} iterations (every variant), "
                               f"lr_img = {base.lr_img:g}, lr_lr = {base.lr_lr:g}, α0 = {base.lr_teacher:g}, "
                               f"seed {base.seed}")
@@ -558,6 +665,11 @@ def main(argv=None) -> int:
                 settings_lines.append(f"  - {v}: `{json.dumps(switches(v, ipc_settings[str(i)], a.lr_y, a.ema_decay, i))}`")
     experts_text = (f"Experts: {a.num_experts} ConvNet-3 (width {a.width}) x {a.train_epochs} epochs, one buffer for "
                     f"every cell (`{buffer}`).")
+    if run_info:
+        d = run_info["data"]
+        experts_text = (f"Data: {dataset}, the split of `{a.from_run}` ({d['train']} train / {d['val']} validation "
+                        f"held out before the experts / {d['test']} test). " + experts_text + " The mtt row is the "
+                        "run's own MTT set (its checkpoint), evaluated here.")
     legend = ("\"as exported\": the set `to_synset` saves (soft labels for the soft-label variants; the EMA images "
               "for ema and all). \"hard labels\": the same images under each image's original class. \"Δ images\": "
               "the hard-label accuracy minus MTT's, in percentage points. Soft-label variants also start from real "
@@ -565,7 +677,7 @@ def main(argv=None) -> int:
     legend2 = ("distill s: the wall seconds of the distillation's iterations (same iteration budget for every "
                "variant); eval s: the evaluation(s) of the set. n*: the student step the loss was measured at (N "
                "unless auto_steps).")
-    md = [f"# The trajectory-matching family ({DATASET}, CPU)", "", f"Command: `{command}`", "",
+    md = [f"# The trajectory-matching family ({dataset}, CPU)", "", f"Command: `{command}`", "",
           f"Hardware: {_hardware()}; {a.workers} worker(s) x {a.threads} thread(s); wall {wall:.0f} s this run.", "",
           experts_text, "", f"Protocol: {protocol.describe()}", "", title + ".", "", legend, "", table, "", legend2,
           "", "Settings:", "", *settings_lines, ""]
@@ -573,7 +685,7 @@ def main(argv=None) -> int:
         md += ["Failed cells:", "", *[f"- {k}: {e}" for k, e in failures], ""]
     _write_json(out / "family.json", {
         "command": command, "hardware": _hardware(), "wall_seconds_this_run": round(wall, 2),
-        "workers": a.workers, "threads": a.threads, "dataset": DATASET, "protocol": protocol.to_dict(),
+        "workers": a.workers, "threads": a.threads, "dataset": dataset, "from_run": a.from_run, "protocol": protocol.to_dict(),
         "protocol_text": protocol.describe(), "experts": {**args["experts"], "path": str(buffer), "status": status,
                                                           "seconds_this_run": round(seconds, 2)},
         "ipc_settings": ipc_settings, "lr_y": a.lr_y, "ema_decay": a.ema_decay, "variants": variants, "ipcs": ipcs,

@@ -178,6 +178,35 @@ def setup(expert_cache: str | os.PathLike | None = None) -> str:
     return device
 
 
+#: The sizes a notebook can run at (its ``profile`` parameter):
+#:   "teaching": the parameters cell as written (GPU-sized: width 128, 5 experts × 10 epochs), papermill's
+#:               ``-p`` values included: pass ``-p profile teaching`` with sizes of your own;
+#:   "cpu":      the classroom CPU profile, each notebook's own smaller sizes (width 32, 3 experts × 6 epochs,
+#:               fewer iterations), meant to finish in ≤ 5 min on 2 CPU cores from a cold start;
+#:   "ci":       the test sizes (width 16, 2 experts × 3 epochs), as ``make test`` runs them;
+#:   "auto":     "ci" under ``MTTLITE_CI=1``, else "teaching" on a GPU and "cpu" without one.
+PROFILES = ("auto", "teaching", "cpu", "ci")
+#: The environment variable that puts every notebook at CI size (``make test``, nbval).
+CI_ENV = "MTTLITE_CI"
+
+
+def choose_profile(profile: str = "auto", device: str = "cpu", quiet: bool = False) -> str:
+    """The profile a notebook runs at (``PROFILES``): ``profile`` itself unless it is "auto"; says which, and why."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(map(repr, PROFILES))}, got {profile!r}")
+    why = "chosen"
+    if profile == "auto":
+        if os.environ.get(CI_ENV) == "1":
+            profile, why = "ci", f"auto: {CI_ENV}=1"
+        else:
+            profile, why = ("teaching", "auto: a GPU") if str(device).startswith("cuda") else ("cpu", "auto: no GPU")
+    if not quiet:
+        sizes = {"teaching": "the sizes of the parameters cell", "cpu": "the classroom CPU sizes (≤ 5 min on 2 cores)",
+                 "ci": "the CI sizes"}[profile]
+        print(f"profile: {profile} ({why}): {sizes}; set `profile` in the parameters cell to change it")
+    return profile
+
+
 # -- make notebooks -------------------------------------------------------------------------------
 
 

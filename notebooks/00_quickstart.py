@@ -59,7 +59,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -67,7 +67,6 @@ device = setup()
 
 # %%
 import json
-import os
 import time
 from pathlib import Path
 
@@ -79,10 +78,15 @@ from mttlite.data import load_dataset
 from mttlite.distill import preset, run
 from mttlite.evaluate import EvalProtocol, evaluate_random_real, random_real_subset
 from mttlite.experts import train_experts
-from mttlite.pipeline import make_distiller, to_synset
+from mttlite.augment import default_strategy
+from mttlite.matching import matching_loss
+from mttlite.params import ParamSpec
+from mttlite.pipeline import make_distiller, network_for, to_synset
+from mttlite.student import make_plan, unroll
 
 # %% tags=["parameters"]
 # Parameters (papermill can override every one of them).
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"  # the embedded 6000/1000-image Fashion-MNIST subset (no download)
 buffer_root = "runs/notebooks/buffers"  # expert buffers are cached here and shared by all notebooks
 width = 128  # ConvNet-3 width (the paper's 128)
@@ -102,8 +106,12 @@ seed = 0
 results_path = None  # where to write the key results as JSON (None: don't)
 
 # %%
-# MTTLITE_CI=1 shrinks the notebook to CI size (used by `make test`'s nbval run; see notebooks/README.md).
-if os.environ.get("MTTLITE_CI") == "1":
+# The profile: the sizes below (teaching), the classroom CPU sizes or the CI sizes (`make test`'s nbval
+# run sets MTTLITE_CI=1, see notebooks/README.md).
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs, iterations, max_start_epoch = 32, 3, 6, 100, 4
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, iterations, syn_steps = 16, 2, 3, 20, 10
     max_start_epoch, expert_epochs, eval_epochs, num_nets = 2, 2, 50, 2
     buffer_root = "runs/notebooks-ci/buffers"
@@ -170,6 +178,69 @@ fig.add_scatter(y=losses, mode="lines", name="L (one iteration)", opacity=0.4)
 fig.add_scatter(x=list(range(k - 1, len(losses))), y=smooth, mode="lines", name=f"moving average ({k})")
 fig.update_layout(title="Matching loss during distillation", xaxis_title="iteration", yaxis_title="L", height=350)
 fig.show()
+
+# %% [markdown]
+# ### The picture behind $\mathcal{L}$ (the paper's Fig. 1), from real trajectories
+#
+# An expert's trajectory $\theta^*_0, \theta^*_1, \dots$ lives in a space of $P$ parameters; the student
+# starts on it at $\theta^*_t$ and takes $N$ steps of size $\alpha$ on the synthetic images, aiming at
+# $\theta^*_{t+M}$. The figure below is a 2-D shadow of that picture: the horizontal axis is the direction
+# from $\theta^*_t$ to the target (the target sits at 1), the vertical axis the direction in which the
+# distilled student strays from it; both in units of $\lVert\theta^*_{t+M} - \theta^*_t\rVert$. The student
+# is drawn twice, on the initial images with the initial $\alpha$ and on the distilled images with the
+# learned $\alpha$ (same expert, $t$, batches and augmentation). The plane hides the rest of the $P$
+# dimensions, so the legend gives each student's true $\mathcal{L}$.
+
+
+# %%
+def trajectory_plane(expert=0, t=0):
+    """Expert and student paths projected on (target direction, the distilled student's deviation)."""
+    traj = torch.stack([buffer.flat(expert, e, device=device) for e in buffer.epochs])  # (E + 1, P)
+    start, target = traj[t], traj[t + expert_epochs]
+    net = network_for(buffer, device)
+    spec = ParamSpec.from_module(net)
+    plan = make_plan(len(distiller.labels), syn_steps, None, torch.Generator().manual_seed(seed))
+    strategy = default_strategy(ds.name)
+    paths = {}
+    for name, imgs, alpha in (("before: initial images, α0", initial_images, lr_teacher),
+                              ("after: distilled images, learned α", synset.images.to(device), synset.syn_lr)):
+        paths[name] = unroll(net, spec, start, imgs, distiller.labels, alpha, plan, strategy, create_graph=False,
+                             return_path=True).path
+    scale = (target - start).norm()
+    u = (target - start) / scale  # x axis: towards the target
+    off = paths["after: distilled images, learned α"][-1] - start
+    v = off - (off @ u) * u  # y axis: the distilled student's deviation, orthogonal to u
+    v = v / v.norm().clamp_min(1e-12)
+
+    def xy(points):
+        d = torch.stack(list(points)) - start
+        return (d @ u / scale).tolist(), (d @ v / scale).tolist()
+
+    fig = go.Figure()
+    ex, ey = xy(traj)
+    fig.add_scatter(x=ex, y=ey, mode="lines+markers+text", text=[f"θ*_{e}" for e in buffer.epochs],
+                    textposition="top center", name=f"expert {expert}", line={"color": "#444"})
+    for (name, path), color in zip(paths.items(), ("#bbbbbb", "#1f77b4")):
+        L = float(matching_loss(path[-1], start, target))
+        px_, py_ = xy(path)
+        fig.add_scatter(x=px_, y=py_, mode="lines+markers", name=f"student {name}: L = {L:.3f}",
+                        marker={"size": 4}, line={"color": color})
+    fig.add_scatter(x=[1.0], y=[0.0], mode="markers", marker={"symbol": "star", "size": 16, "color": "#d62728"},
+                    name=f"target θ*_{t + expert_epochs} (t + M)")
+    fig.update_layout(title=f"Expert and student trajectories (t = {t}, M = {expert_epochs}, N = {syn_steps})",
+                      xaxis_title="towards the target, in units of ‖θ*_{t+M} − θ*_t‖",
+                      yaxis_title="deviation", height=450, legend={"orientation": "h", "y": -0.25})
+    fig.show()
+    return {name: float(matching_loss(path[-1], start, target)) for name, path in paths.items()}
+
+
+plane_L = trajectory_plane()
+
+# %% [markdown]
+# Read it as the paper's Fig. 1: the expert's long path (one marker per epoch, steps shrinking as it
+# converges), and a student that needs only $N$ cheap steps on the synthetic images to cover $M$ expert
+# epochs. Distillation moved the pixels and $\alpha$ so that the student's end lands nearer the star.
+# Each iteration of section 3 drew a fresh expert and $t$; this is one draw.
 
 # %% [markdown]
 # ## 4. Evaluate, next to a random real subset of the same size
@@ -258,8 +329,6 @@ if answer_1 is None:
 
 # %%
 # the check: the library's matching loss for both students, on expert 0 from t = 0
-from mttlite.matching import matching_loss
-
 theta_t, theta_tM = buffer.flat(0, 0, device=device), buffer.flat(0, expert_epochs, device=device)
 expected = torch.stack([matching_loss(theta_t, theta_t, theta_tM), matching_loss(theta_tM, theta_t, theta_tM)])
 torch.testing.assert_close(torch.tensor(answer_1, dtype=torch.float32), expected.cpu())
@@ -310,6 +379,7 @@ results = {
     "num_classes": ds.num_classes,
     "expert_acc": expert_acc,
     "distill_seconds": distill_seconds,
+    "plane_L": plane_L,
 }
 print(json.dumps(results, indent=1))
 if results_path:

@@ -52,7 +52,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -60,7 +60,6 @@ device = setup()
 
 # %%
 import json
-import os
 import time
 from pathlib import Path
 
@@ -76,6 +75,7 @@ from mttlite.params import ParamSpec
 from mttlite.pipeline import network_for
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache (same settings in every notebook)
 width = 128  # ConvNet-3 width
@@ -85,7 +85,10 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs = 32, 3, 6
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs = 16, 2, 3
     buffer_root = "runs/notebooks-ci/buffers"
 

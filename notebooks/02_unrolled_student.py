@@ -55,7 +55,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -64,7 +64,6 @@ device = setup()
 # %%
 import copy
 import json
-import os
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -85,6 +84,7 @@ from mttlite.pipeline import make_distiller, network_for
 from mttlite.student import StepPlan, make_plan, unroll
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache
 width = 128
@@ -102,7 +102,10 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs, distill_iterations = 32, 3, 6, 50
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, start_epoch, syn_steps, distill_iterations = 16, 2, 3, 1, 10, 10
     buffer_root = "runs/notebooks-ci/buffers"
 

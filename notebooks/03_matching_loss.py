@@ -52,7 +52,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -60,7 +60,6 @@ device = setup()
 
 # %%
 import json
-import os
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -79,6 +78,7 @@ from mttlite.pipeline import network_for
 from mttlite.student import make_plan, unroll
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache
 width = 128
@@ -86,7 +86,7 @@ num_experts = 5
 train_epochs = 10
 ipc = 1
 expert = 0
-start_epoch = 2  # t
+start_epoch = 0  # t (early: where the expert moves most, so these N steps land short of the target)
 expert_epochs = 2  # M
 syn_steps = 20  # N
 syn_lr = 0.01  # alpha
@@ -94,7 +94,10 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs = 32, 3, 6
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, start_epoch, syn_steps = 16, 2, 3, 1, 10
     buffer_root = "runs/notebooks-ci/buffers"
 
@@ -182,6 +185,17 @@ fig.update_layout(height=350, showlegend=False, title=f"Student, N = {syn_steps}
 fig.show()
 
 # %% [markdown]
+# **What you see on the right, and why.** Normalising puts the *targets* on one scale: at every $t$,
+# $\mathcal{L} = 1$ is "no progress" and $0$ is "on target". It does not make one student right for every
+# $t$. Here the student is the same at every $t$ ($N$ steps of the same size $\alpha$ on the same images),
+# while the expert's $M$-epoch movement shrinks as it converges (the previous figure, left): early on,
+# the student's $N$ steps cover part of a long expert move ($\mathcal{L} < 1$); late, the same steps
+# overshoot a short one, and $\mathcal{L}$ rises, past 1 where the student lands farther from the target
+# than it started. (With the shipped sizes the curve rises with $t$; exactly where it crosses 1 depends
+# on the width, $\alpha$ and $N$: try a smaller $\alpha$ in section 5.) This is why MTT *learns* $\alpha$
+# (notebook `04`) and draws $t$ only from the early epochs, $t < T^+$, where the expert still moves a lot.
+
+# %% [markdown]
 # ## 2. The loss in three lines, and its gradient
 #
 # With $\hat\theta_N$ from the student and the expert's $\theta^*_t$, $\theta^*_{t+M}$ (flat vectors):
@@ -213,15 +227,30 @@ print(f"L = {L_by_hand.item():.5f} (by hand) = {L_library.item():.5f} (library)"
 
 
 # %%
+STILL = 1e-9  # a tensor with less than this share of the expert's movement did not move (see below)
+
+
+def still_tensors(bd):
+    """The tensors the expert did not move: their own normalised L is 0/0 (NaN) or a ratio of rounding errors."""
+    return [n for n in bd if bd[n]["expert_share"] < STILL]
+
+
 def draw_breakdown(bd, title):
     names = list(bd)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("contribution to L (sums to L)", "per-layer normalised L"))
+    still = still_tensors(bd)
+    moving = [n for n in names if n not in still]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("contribution to L (sums to L)",
+                                                        "per-layer normalised L (tensors the expert moved)"))
     fig.add_bar(x=names, y=[bd[n]["contribution"] for n in names], name="contribution", row=1, col=1)
     fig.add_bar(x=names, y=[bd[n]["expert_share"] for n in names], name="expert share", row=1, col=1, opacity=0.5)
-    fig.add_bar(x=names, y=[bd[n]["normalised"] for n in names], name="normalised", row=1, col=2)
+    fig.add_bar(x=moving, y=[bd[n]["normalised"] for n in moving], name="normalised", row=1, col=2)
     fig.add_hline(y=1.0, line_dash="dot", row=1, col=2)
     fig.update_yaxes(type="log", row=1, col=2)
-    fig.update_layout(title=title, height=420, barmode="group")
+    note = f"not moved by the expert (left out on the right): {', '.join(still)}" if still else ""
+    fig.update_layout(title=title, height=440, barmode="group", margin={"b": 120},
+                      annotations=list(fig.layout.annotations) + ([{"text": note, "showarrow": False, "xref": "paper",
+                                                                    "yref": "paper", "x": 0, "y": -0.45,
+                                                                    "xanchor": "left"}] if note else []))
     fig.show()
 
 
@@ -229,11 +258,19 @@ bd = matching_breakdown(spec, theta_N.detach(), theta_start, theta_target)
 contrib_sum = sum(v["contribution"] for v in bd.values())
 torch.testing.assert_close(contrib_sum, L_library.item(), rtol=1e-4, atol=1e-6)
 draw_breakdown(bd, f"L = {L_library.item():.4f} at t = {t}, M = {M}, N = {syn_steps}")
+print("tensors the expert did not move:", ", ".join(still_tensors(bd)) or "none")
 
 # %% [markdown]
 # A layer the expert hardly moved can have a per-layer $L$ far above 1 (note the log scale) and still
 # contribute almost nothing to $\mathcal{L}$: with one *global* denominator each layer counts in
 # proportion to how much the expert moved it. Per-layer normalisation would let such layers dominate.
+#
+# Some tensors the expert does not move **at all**: the biases of the convolutions directly in front of
+# an instance norm (`features.0/4/8.bias` here). The norm subtracts each channel's mean, so adding a
+# constant to a channel changes nothing downstream: their gradient is exactly zero, in the expert and in
+# the student alike, and they keep their initial values for the whole trajectory (up to float
+# rounding). Their own normalised $L$ would be $0/0$, or a ratio of rounding errors, so the
+# right panel leaves them out and names them below the figure; they contribute nothing to $\mathcal{L}$.
 
 # %% [markdown]
 # ## 4. Distance-to-target curves
@@ -241,6 +278,11 @@ draw_breakdown(bd, f"L = {L_library.item():.4f} at t = {t}, M = {M}, N = {syn_st
 # Along the student's path, $L_M(n) = \lVert\hat\theta_n - \theta^*_{t+M}\rVert^2 / \lVert\theta^*_t - \theta^*_{t+M}\rVert^2$ for
 # several $M$. Every curve starts at 1. Where a curve bottoms out tells you how many student steps
 # on this set "are worth" $M$ expert epochs — the long-range match MTT optimises (notebook `06`).
+# A curve that rises again after its minimum is a student that overshoots its target; one that never
+# drops below 1 overshoots from the first step (its $\alpha$ is too large for that $t$ and $M$: the
+# nearer target of $M = 1$ shows it first, and a later $t$ makes it worse). Hence $t = 0$ as the
+# default: from there the $M = 2$ curve dips well below 1; move the $t$ slider of section 5 to 2 or 3
+# and watch the same student overshoot.
 
 
 # %%
@@ -359,6 +401,7 @@ results = {
     "normalised": norm,
     "expert_D": [float((traj[t_] - traj[t_ + expert_epochs]).pow(2).sum()) for t_ in ts],
     "curves": {str(m): v for m, v in curves.items()},
+    "still": still_tensors(bd),
 }
 print(json.dumps({k: results[k] for k in ("L", "hand_vs_library", "contribution_sum")}, indent=1))
 if results_path:

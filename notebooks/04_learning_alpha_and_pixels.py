@@ -56,7 +56,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -64,7 +64,6 @@ device = setup()
 
 # %%
 import json
-import os
 from pathlib import Path
 
 import plotly.express as px
@@ -80,6 +79,7 @@ from mttlite.experts import train_experts
 from mttlite.pipeline import make_distiller
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache
 width = 128
@@ -98,13 +98,18 @@ snapshot_every = 10  # keep the images every this many iterations (for the anima
 bad_lr_img = 1e5  # the divergence demo: a pixel learning rate 1000x too large
 bad_lr_lr = 10.0  # ... and a learning rate of alpha far too large
 bad_iterations = 30  # give up the divergence demo after this many iterations
+noise_iterations = 150  # section 5: a run from pure noise (pix_init="noise")
+noise_lr_img = 1000.0  # ... with a larger pixel learning rate: noise is far from any image
 seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs, max_start_epoch, iterations, noise_iterations = 32, 3, 6, 4, 100, 75
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, syn_steps, max_start_epoch, iterations = 16, 2, 3, 10, 2, 20
-    plot_every, snapshot_every = 5, 5
+    plot_every, snapshot_every, noise_iterations = 5, 5, 10
     buffer_root = "runs/notebooks-ci/buffers"
 
 torch.manual_seed(seed)
@@ -323,6 +328,50 @@ if not diverged:
 # $\log\alpha$, a relative step, so the paper's values do not carry over).
 
 # %% [markdown]
+# ## 5. From noise: the images become class prototypes
+#
+# Everything above started from real images, so the result still looks like them. Start instead from
+# pure noise, $x \sim \mathcal{N}(0, 1)$ per pixel (`pix_init="noise"`; with a larger `lr_img`, as noise is far
+# from any image), and the same loss draws an image per class that looks like no single training image
+# but like the class as a whole — the look of the paper's figures of distilled sets. The number under
+# the figure is the mean cosine similarity between each image and the average real image of its class
+# (in the normalised space the networks see): about 0 for noise.
+
+
+# %%
+def class_mean_cosine(images, labels):
+    """Mean over the set of cos(x_i, mean of the real training images of x_i's class); images (n, C, H, W)."""
+    means = torch.stack([ds.train_images[ds.train_labels == c].mean(0) for c in range(ds.num_classes)])  # (K, C, H, W)
+    return float(torch.nn.functional.cosine_similarity(images.flatten(1), means[labels].flatten(1)).mean())
+
+
+noise = preset("demo", dataset=dataset, ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs,
+               max_start_epoch=max_start_epoch, iterations=noise_iterations, lr_img=noise_lr_img, lr_lr=lr_lr,
+               lr_teacher=lr_teacher, pix_init="noise", seed=seed)
+noise_distiller = make_distiller(noise, buffer, dataset=ds, device=device)
+noise_start = noise_distiller.images.detach().clone()
+run(noise_distiller, progress=False)
+noise_end = noise_distiller.images.detach()
+cos_start = class_mean_cosine(noise_start, noise_distiller.labels)
+cos_end = class_mean_cosine(noise_end, noise_distiller.labels)
+
+
+def side_by_side(images):
+    """(n, C, H, W) normalised -> (H, n·W) (or (H, n·W, C)) pixels in [0, 1], the first 10 images."""
+    pix = ds.denormalize(images[:10].to(ds.device)).cpu().permute(0, 2, 3, 1)  # (n, H, W, C)
+    row = torch.cat(list(pix.unbind(0)), dim=1)
+    return row[..., 0] if row.shape[-1] == 1 else row
+
+
+fig = px.imshow(torch.cat([side_by_side(noise_start), side_by_side(noise_end)], dim=0).numpy(), binary_string=True,
+                height=300, title=f"From noise (top) after {noise_distiller.iteration} iterations (bottom): "
+                + ", ".join(ds.class_names[int(y)] for y in noise_distiller.labels[:10]))
+fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
+fig.show()
+print(f"cosine with the class's mean real image: {cos_start:.3f} (noise) -> {cos_end:.3f} "
+      f"after {noise_distiller.iteration} iterations")
+
+# %% [markdown]
 # ## Takeaway
 #
 # * One iteration = sample (expert, $t$) → unroll $N$ steps → $\mathcal{L}$ → one SGD step (momentum 0.5) on the
@@ -331,6 +380,8 @@ if not diverged:
 #   goes down, and $\alpha$ moves with the sign of $-\partial\mathcal{L}/\partial\alpha$.
 # * `lr_img`, `lr_lr` and $T^+$ are the knobs that make a run diverge; the library stops with the one
 #   to turn and keeps the last good state.
+# * From noise, the same loss paints one prototype per class: what the images learn is what the
+#   experts' trajectories need, not a copy of a training image.
 
 # %%
 results = {
@@ -346,6 +397,9 @@ results = {
     "message": message,
     "bad_last_good_iteration": bad_distiller.iteration,
     "bad_state_finite": bool(torch.isfinite(bad_distiller.images).all()),
+    "noise_iterations": noise_distiller.iteration,
+    "noise_cos_start": cos_start,
+    "noise_cos_end": cos_end,
 }
 print(json.dumps(results, indent=1))
 if results_path:

@@ -55,7 +55,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -63,7 +63,6 @@ device = setup()
 
 # %%
 import json
-import os
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -87,6 +86,7 @@ from mttlite.pipeline import distill_set
 from mttlite.synset import SyntheticSet
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache
 synset_path = None  # a saved synthetic set (e.g. runs/reproduction/.../synset.safetensors); None: distil here
@@ -106,7 +106,11 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs, max_start_epoch, iterations = 32, 3, 6, 4, 100
+    cross_num_nets = 1
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, syn_steps, max_start_epoch, iterations = 16, 2, 3, 10, 2, 20
     eval_epochs, num_nets, cross_archs, cross_num_nets = 50, 2, ["mlp", "lenet"], 1
     buffer_root = "runs/notebooks-ci/buffers"

@@ -54,7 +54,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -62,7 +62,6 @@ device = setup()
 
 # %%
 import json
-import os
 import time
 from pathlib import Path
 
@@ -83,6 +82,7 @@ from mttlite.pipeline import make_distiller, network_for, to_synset
 from mttlite.student import make_plan, unroll
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache
 width = 128
@@ -101,7 +101,11 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs, max_start_epoch, iterations = 32, 3, 6, 2, 40
+    grid_syn_steps, eval_epochs, num_nets = [1, 10, 20], 200, 1
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, max_start_epoch, iterations = 16, 2, 3, 1, 10
     grid_syn_steps, grid_expert_epochs, eval_epochs, num_nets = [1, 10], [1, 2], 50, 1
     buffer_root = "runs/notebooks-ci/buffers"

@@ -51,7 +51,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -59,7 +59,6 @@ device = setup()
 
 # %%
 import json
-import os
 import tempfile
 import textwrap
 from pathlib import Path
@@ -75,6 +74,7 @@ from mttlite.params import ParamSpec
 from mttlite.student import make_plan
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 width = 128  # ConvNet-3 width
 ipc = 1  # images per class (10 classes, 1x28x28): the set every student step sees
 syn_steps_list = [10, 20, 40, 80]  # the N values to measure
@@ -86,7 +86,10 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, syn_steps_list = 32, [10, 20, 40]
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, ipc, syn_steps_list = 16, 2, [2, 8, 16]
 
 torch.manual_seed(seed)

@@ -57,7 +57,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -65,7 +65,6 @@ device = setup()
 
 # %%
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -82,6 +81,7 @@ from mttlite.io import atomic_write, load_tensors
 from mttlite.pipeline import distill_set
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"  # any mttlite data set, e.g. fashion-mnist, cifar10
 data_root = "data"
 download = False  # fetch a missing data set from its official source
@@ -103,7 +103,10 @@ seed = 0
 results_path = None  # an extra copy of the results JSON (the tests read it)
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    width, num_experts, train_epochs, iterations = 32, 3, 6, 100
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, iterations, syn_steps, max_start_epoch = 16, 2, 3, 20, 10, 2
     eval_epochs, num_nets = 50, 2
     buffer_root, out_dir = "runs/notebooks-ci/buffers", "runs/notebooks-ci/reproduction"
@@ -231,7 +234,8 @@ fig.add_scatter(x=list(range(k - 1, len(losses))), y=torch.tensor(losses).unfold
                 mode="lines", name=f"moving average ({k})")
 fig.update_layout(title=f"{run_name}: matching loss; MTT {100 * res_mtt.mean:.1f}% vs random real "
                   f"{100 * res_rand.mean:.1f}%", xaxis_title="iteration", yaxis_title="L", height=380)
-fig.write_html(run_dir / "loss.html", include_plotlyjs="cdn")
+# plotly.js is written once beside it (plotly.min.js), so the page opens offline, with the rest of the run
+fig.write_html(run_dir / "loss.html", include_plotlyjs="directory")
 fig.show()
 
 results = {

@@ -55,7 +55,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import setup
+from mttlite.notebook import choose_profile, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -63,7 +63,6 @@ device = setup()
 
 # %%
 import json
-import os
 import time
 from pathlib import Path
 
@@ -84,6 +83,7 @@ from mttlite.pipeline import make_distiller, to_synset
 from mttlite.student import make_plan, unroll
 
 # %% tags=["parameters"]
+profile = "auto"  # "auto": "cpu" without a GPU, "teaching" with one; or "teaching", "cpu", "ci"
 dataset = "fashion-mnist-mini"
 buffer_root = "runs/notebooks/buffers"  # shared expert cache
 width = 32
@@ -108,7 +108,10 @@ seed = 0
 results_path = None
 
 # %%
-if os.environ.get("MTTLITE_CI") == "1":  # CI size, see notebooks/README.md
+profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
+if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
+    iterations, num_nets = 30, 2  # the shipped sizes are CPU sizes already
+elif profile == "ci":  # CI size, see notebooks/README.md
     width, num_experts, train_epochs, syn_steps, max_start_epoch, iterations = 16, 2, 3, 10, 2, 8
     eval_epochs, num_nets, check_steps = 20, 2, 30
     buffer_root = "runs/notebooks-ci/buffers"

@@ -8,7 +8,8 @@ executed notebook and files land in ``OUT/<run_name>/``, and ``OUT/results.md`` 
 collect every run found under OUT. A configuration whose ``results.json`` exists is skipped
 (``--force`` re-runs it; the distillation itself also resumes from its checkpoint).
 ``-p NAME VALUE`` passes any other notebook parameter (VALUE is parsed as JSON when it can be:
-``-p num_nets 5``, ``-p syn_steps null``).
+``-p num_nets 5``, ``-p syn_steps null``). The notebook runs at ``profile`` "teaching" (its parameters as
+shipped and as passed, on a CPU too: ``mttlite.notebook.PROFILES``) unless ``-p profile cpu`` is given.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def run_grid(out: Path, datasets, ipcs, presets, extra: dict, kernel_name: str |
             done.append(res)
             continue
         (out / name).mkdir(parents=True, exist_ok=True)
-        params = {**extra, "dataset": dataset, "ipc": ipc, "preset_name": preset, "out_dir": str(out),
+        # profile "teaching": the notebook's parameters as given here (not its CPU sizes), unless -p profile says
+        params = {"profile": "teaching", **extra, "dataset": dataset, "ipc": ipc, "preset_name": preset, "out_dir": str(out),
                   "run_name": name}
         print(f"[run ] {name}: {json.dumps(params)}")
         pm.execute_notebook(str(notebook_path()), str(out / name / "08_reproduction.ipynb"), parameters=params,

@@ -140,3 +140,29 @@ def test_notebooks_keep_their_experts_where_the_cache_is_linked(path):
     if not roots:
         pytest.skip(f"{path.stem} trains no shared experts")
     assert roots[0] == notebook.BUFFER_ROOT  # the parameters cell's default
+
+
+def test_choose_profile_auto_follows_ci_then_the_device(monkeypatch, capsys):
+    monkeypatch.delenv(notebook.CI_ENV, raising=False)
+    assert notebook.choose_profile("auto", "cpu") == "cpu"
+    assert "auto: no GPU" in capsys.readouterr().out
+    assert notebook.choose_profile("auto", "cuda") == "teaching"
+    assert notebook.choose_profile("auto", "cuda:1", quiet=True) == "teaching"
+    monkeypatch.setenv(notebook.CI_ENV, "1")
+    assert notebook.choose_profile("auto", "cuda") == "ci"  # the test sizes win, even on a GPU
+    # an explicit profile is taken as given (papermill's -p profile teaching with its own sizes)
+    for p in ("teaching", "cpu", "ci"):
+        assert notebook.choose_profile(p, "cpu", quiet=True) == p
+    with pytest.raises(ValueError, match="profile must be one of"):
+        notebook.choose_profile("gpu")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")), ids=lambda p: p.stem)
+def test_every_notebook_has_a_profile_parameter_and_a_cpu_profile(path):
+    """The parameters cell offers ``profile`` ("auto"), the next cell resolves it, and a CPU profile exists."""
+    text = path.read_text()
+    params = text.split('# %% tags=["parameters"]', 1)[1].split("# %%", 1)[0]
+    assert re.search(r'^profile = "auto"', params, re.M), "no `profile = \"auto\"` in the parameters cell"
+    assert "profile = choose_profile(profile, device)" in text
+    assert 'if profile == "cpu":' in text and 'profile == "ci"' in text
+    assert 'os.environ.get("MTTLITE_CI")' not in text  # the profile, not the variable, decides

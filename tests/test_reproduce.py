@@ -181,3 +181,33 @@ def test_tune_chooses_on_validation_and_keeps_diverged_points(first):
     _, stdout = run_tune(out, "--cached-only", "--grid", "lr_teacher=0.01,0.03", "lr_img=100")
     assert "lr_teacher=0.03_lr_img=100: not computed" in stdout
     assert not (out / "tune" / "ipc1" / "lr_teacher=0.03_lr_img=100").exists()
+
+
+# -- benchmarks/family_table.py --from-run: the family on a reproduction run's data, experts and MTT ----------
+
+
+def test_family_table_from_the_run_reuses_its_data_experts_and_mtt_set(first, tmp_path):
+    """The mtt row IS the run's MTT set (same per-network accuracies: same split, protocol, seeds); a switch
+    row is the run's MTT configuration plus that switch and nothing else."""
+    out, doc = first
+    fam = tmp_path / "family"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "family_table.py"), "--from-run", str(out),
+                        "--ipcs", "1", "--variants", "mtt,ema", "--out", str(fam)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fdoc = json.loads((fam / "family.json").read_text())
+    rows = {row["variant"]: row for row in fdoc["rows"]}
+    run_mtt = rows_by_key(doc)[("mtt", 1, "convnet")]
+    assert rows["mtt"]["acc"]["accs"] == run_mtt["test_accs"]
+    assert fdoc["from_run"] == str(out) and fdoc["dataset"] == doc["data"]["dataset"]
+    assert fdoc["protocol"]["epochs"] == doc["protocol"]["epochs"] and fdoc["protocol"]["width"] == 8
+    run_config = json.loads((out / "mtt-ipc1" / "distill.json").read_text())["config"]
+    assert rows["mtt"]["config"] == run_config
+    ema = rows["ema"]["config"]
+    assert {k: v for k, v in ema.items() if ema[k] != run_config[k]} == {"ema_decay": ema["ema_decay"]}
+    assert 0 < ema["ema_decay"] < 1
+    # a wrong folder is refused with the reason
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "family_table.py"), "--from-run", str(tmp_path),
+                          "--out", str(tmp_path / "x")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "is missing" in bad.stderr
