@@ -111,6 +111,35 @@ def test_instance_norm_float32_close_to_torch(device):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_instance_norm_low_precision_first_and_second_derivatives_close_to_float64(dtype):
+    """Autocast's case on a CPU: low-precision x and g, float32 γ and β. The backward (torch's mixed-dtype
+    kernel) and the second derivative (full-size passes in the low dtype, means in float32) agree with
+    float64 to the low dtype's rounding, and each result comes back in its input's dtype."""
+    x = _rand(8, 16, 12, 12, seed=0).detach().mul(2).add(0.5)
+    w, b = _rand(16, seed=1).detach().abs().add(0.5), _rand(16, seed=2).detach()
+    x_lo = x.to(dtype).requires_grad_()
+    w32, b32 = w.float().requires_grad_(), b.float().requires_grad_()
+    x64 = x_lo.detach().double().requires_grad_()  # the same (rounded) input in float64
+    w64, b64 = w32.detach().double().requires_grad_(), b32.detach().double().requires_grad_()
+    gy = torch.randn(x.shape, generator=_gen(5), dtype=torch.float64)
+    v = torch.randn(x.shape, generator=_gen(6), dtype=torch.float64)
+
+    def derivatives(xx, ww, bb):
+        y = instance_norm(xx, ww, bb)
+        dx, dw = torch.autograd.grad(y, (xx, ww), gy.to(y.dtype), create_graph=True)
+        second = torch.autograd.grad((dx * v.to(dx.dtype)).sum() + (dw ** 2).sum(), (xx, ww))
+        return (dx, dw, *second)
+
+    ours, ref = derivatives(x_lo, w32, b32), derivatives(x64, w64, b64)
+    assert [t.dtype for t in ours] == [dtype, torch.float32, dtype, torch.float32]
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]  # a few roundings (measured: 0.2-0.5 %, 0.02-0.04 %)
+    for a, r in zip(ours, ref):
+        a, r = a.detach(), r.detach()
+        rel = float((a.double() - r).norm() / r.norm())
+        assert rel < tol, (a.dtype, rel)
+
+
 def test_instance_norm_grad_of_grad_under_torch_func(device):
     const = {"requires_grad": False, "device": device}
     x, w, b = _rand(3, 4, 5, 6, **const), _rand(4, seed=1, **const), _rand(4, seed=2, **const)
