@@ -218,7 +218,7 @@ def trajectory_plane(expert=0, t=0):
 
     fig = go.Figure()
     ex, ey = xy(traj)
-    fig.add_scatter(x=ex, y=ey, mode="lines+markers+text", text=[f"θ*_{e}" for e in buffer.epochs],
+    fig.add_scatter(x=ex, y=ey, mode="lines+markers+text", text=[f"θ*<sub>{e}</sub>" for e in buffer.epochs],
                     textposition="top center", name=f"expert {expert}", line={"color": "#444"})
     for (name, path), color in zip(paths.items(), ("#bbbbbb", "#1f77b4")):
         L = float(matching_loss(path[-1], start, target))
@@ -226,9 +226,9 @@ def trajectory_plane(expert=0, t=0):
         fig.add_scatter(x=px_, y=py_, mode="lines+markers", name=f"student {name}: L = {L:.3f}",
                         marker={"size": 4}, line={"color": color})
     fig.add_scatter(x=[1.0], y=[0.0], mode="markers", marker={"symbol": "star", "size": 16, "color": "#d62728"},
-                    name=f"target θ*_{t + expert_epochs} (t + M)")
+                    name=f"target θ*<sub>{t + expert_epochs}</sub> (t + M)")
     fig.update_layout(title=f"Expert and student trajectories (t = {t}, M = {expert_epochs}, N = {syn_steps})",
-                      xaxis_title="towards the target, in units of ‖θ*_{t+M} − θ*_t‖",
+                      xaxis_title="towards the target, in units of ‖θ*<sub>t+M</sub> − θ*<sub>t</sub>‖",
                       yaxis_title="deviation", height=450, legend={"orientation": "h", "y": -0.25})
     fig.show()
     return {name: float(matching_loss(path[-1], start, target)) for name, path in paths.items()}

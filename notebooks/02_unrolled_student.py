@@ -308,9 +308,9 @@ def draw(N=syn_steps, alpha=syn_lr, t=start_epoch):
     expert_xy = project(traj)
     fig = go.Figure()
     fig.add_scatter(x=expert_xy[:, 0], y=expert_xy[:, 1], mode="lines+markers+text", name=f"expert {expert}",
-                    text=[f"θ*{e}" for e in buffer.epochs], textposition="top center", line={"color": "black"})
+                    text=[f"θ*<sub>{e}</sub>" for e in buffer.epochs], textposition="top center", line={"color": "black"})
     fig.add_scatter(x=[expert_xy[t + expert_epochs, 0]], y=[expert_xy[t + expert_epochs, 1]], mode="markers",
-                    marker={"size": 16, "symbol": "star", "color": "gold"}, name="target θ*_{t+M}")
+                    marker={"size": 16, "symbol": "star", "color": "gold"}, name="target θ*<sub>t+M</sub>")
     curves = go.Figure()
     out = {}
     for (name, imgs), color in zip(sets.items(), ["#d62728", "#1f77b4"]):
@@ -320,7 +320,7 @@ def draw(N=syn_steps, alpha=syn_lr, t=start_epoch):
                         name=f"student on {name}")
         curves.add_scatter(y=L, mode="lines+markers", name=name, marker={"color": color})
         out[name] = (res, L)
-    fig.update_layout(title=f"Student path: N = {N} steps from θ*_{t}, α = {alpha:.3g}, target θ*_{t + expert_epochs}",
+    fig.update_layout(title=f"Student path: N = {N} steps from θ*<sub>{t}</sub>, α = {alpha:.3g}, target θ*<sub>{t + expert_epochs}</sub>",
                       xaxis_title="PC1 of the expert's trajectory", yaxis_title="PC2", height=480)
     curves.add_hline(y=1.0, line_dash="dot", annotation_text="where it started")
     curves.update_layout(title="Normalised distance to the target, L(n)", xaxis_title="student step n",

@@ -142,7 +142,7 @@ print(buffer)
 
 # %%
 M_all = list(range(1, E + 1))
-fig = make_subplots(rows=1, cols=2, subplot_titles=("D(t) = ‖θ*_t − θ*_{t+M}‖² (log scale)",
+fig = make_subplots(rows=1, cols=2, subplot_titles=("D(t) = ‖θ*<sub>t</sub> − θ*<sub>t+M</sub>‖² (log scale)",
                                                     f"share of D(t) per parameter tensor, M = {expert_epochs}"))
 for M in M_all[:3]:
     D = [float((traj[t] - traj[t + M]).pow(2).sum()) for t in range(E - M + 1)]
@@ -177,7 +177,7 @@ for t in ts:
     thN = student_end(t, syn_steps, syn_lr).theta.detach()
     raw.append(float((thN - traj[t + expert_epochs]).pow(2).sum()))
     norm.append(float(matching_loss(thN, traj[t], traj[t + expert_epochs])))
-fig = make_subplots(rows=1, cols=2, subplot_titles=("raw ‖θ̂_{t+N} − θ*_{t+M}‖²", "normalised L"))
+fig = make_subplots(rows=1, cols=2, subplot_titles=("raw ‖θ̂<sub>t+N</sub> − θ*<sub>t+M</sub>‖²", "normalised L"))
 fig.add_scatter(x=ts, y=raw, mode="lines+markers", name="raw", row=1, col=1)
 fig.add_scatter(x=ts, y=norm, mode="lines+markers", name="L", row=1, col=2)
 fig.update_xaxes(title_text="start epoch t")
@@ -296,8 +296,8 @@ def draw_curves(N=syn_steps, M=expert_epochs, alpha=syn_lr, t=start_epoch):
         curves[m] = L
         fig.add_scatter(y=L, mode="lines+markers", name=f"M = {m}", line={"width": 4 if m == M else 1.5})
     fig.add_hline(y=1.0, line_dash="dot")
-    fig.update_layout(title=f"L_M(n) from t = {t}, α = {alpha:.3g}; the loss used is L_M(N) = {curves[M][-1]:.4f}",
-                      xaxis_title="student step n", yaxis_title="L_M(n)", height=400)
+    fig.update_layout(title=f"L<sub>M</sub>(n) from t = {t}, α = {alpha:.3g}; the loss used is L<sub>{M}</sub>(N) = {curves[M][-1]:.4f}",
+                      xaxis_title="student step n", yaxis_title="L<sub>M</sub>(n)", height=400)
     fig.show()
     return curves
 
