@@ -243,14 +243,15 @@ draw_projection(dims=3, basis="own trajectory")
 # Pick the experts, 2-D or 3-D, and how many epochs to show:
 
 # %%
-display(live(
+panel = live(  # the controls, a note and the redrawn figure (tests/test_notebooks.py drives them)
     lambda experts, dims, last_epoch, basis: draw_projection(list(experts), dims, last_epoch, basis),
     experts=widgets.SelectMultiple(options=list(range(len(buffer))), value=tuple(range(len(buffer))),
                                    description="experts", rows=min(5, len(buffer))),
     dims=widgets.ToggleButtons(options=[2, 3], value=2, description="dims"),
     last_epoch=widgets.IntSlider(value=E, min=1, max=E, description="up to epoch", style={"description_width": "initial"}, continuous_update=False),
     basis=widgets.Dropdown(options=list(coords), value="all experts", description="PCA basis"),
-))
+)
+display(panel)
 
 # %% [markdown]
 # ## 4. How far does an epoch move the parameters?

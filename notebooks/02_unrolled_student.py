@@ -341,7 +341,7 @@ paths = draw()
 # Change $N$, $\alpha$ and $t$:
 
 # %%
-display(live(
+panel = live(  # the controls, a note and the redrawn figure (tests/test_notebooks.py drives them)
     draw,
     N=widgets.IntSlider(value=syn_steps, min=1, max=max(60, syn_steps), description="N (syn_steps)", style={"description_width": "initial"},
                         continuous_update=False),
@@ -349,7 +349,8 @@ display(live(
                                  continuous_update=False),
     t=widgets.IntSlider(value=start_epoch, min=0, max=E - expert_epochs, description="t (start epoch)", style={"description_width": "initial"},
                         continuous_update=False),
-))
+)
+display(panel)
 
 # %% [markdown]
 # ## Takeaway

@@ -317,14 +317,15 @@ def draw_live(M, N, alpha, t):
     draw_breakdown(matching_breakdown(spec, thN, traj[t], traj[t + M]), f"L = {c[M][-1]:.4f}  (t = {t}, M = {M}, N = {N})")
 
 
-display(live(
+panel = live(  # the controls, a note and the redrawn figure (tests/test_notebooks.py drives them)
     draw_live,
     M=widgets.IntSlider(value=expert_epochs, min=1, max=E, description="M (expert_epochs)", style={"description_width": "initial"}, continuous_update=False),
     N=widgets.IntSlider(value=syn_steps, min=1, max=max(80, syn_steps), description="N (syn_steps)", style={"description_width": "initial"},
                         continuous_update=False),
     alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α", continuous_update=False),
     t=widgets.IntSlider(value=start_epoch, min=0, max=E - 1, description="t", continuous_update=False),
-))
+)
+display(panel)
 
 # %% [markdown]
 # ## Exercises

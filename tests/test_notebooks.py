@@ -63,16 +63,46 @@ def buffer_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("buffers"))
 
 
-def execute(name: str, tmp_path: Path, kernel: str, buffer_root: str | None, **params) -> dict:
-    """Run notebooks/<name>.ipynb with papermill in tmp_path; return the JSON it recorded."""
+def execute(name: str, tmp_path: Path, kernel: str, buffer_root: str | None, extra: str | None = None,
+            **params) -> dict:
+    """Run notebooks/<name>.ipynb with papermill in tmp_path; return the JSON it recorded.
+
+    ``extra``: code run as one more cell at the end, in the same kernel (e.g. ``drive(...)``)."""
     results = tmp_path / f"{name}.json"
     # "teaching": the sizes passed here as given (the default "auto" would pick the classroom CPU sizes)
     params = {"profile": "teaching", **params, "results_path": str(results)}
     if buffer_root is not None:
         params = {**EXPERTS, "buffer_root": buffer_root, **params}
-    papermill.execute_notebook(str(NB_DIR / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
+    source = NB_DIR / f"{name}.ipynb"
+    if extra is not None:
+        nb = nbformat.read(source, as_version=4)
+        nb.cells.append(nbformat.v4.new_code_cell(extra))
+        source = tmp_path / f"{name}.with-extra.ipynb"
+        nbformat.write(nb, source)
+    papermill.execute_notebook(str(source), str(tmp_path / f"{name}.out.ipynb"),
                                parameters=params, kernel_name=kernel, cwd=str(tmp_path), progress_bar=False)
     return json.loads(results.read_text())
+
+
+def drive(panel: str, control: int, value, out: Path) -> str:
+    """A cell that sets control number ``control`` of the live widget ``panel`` (a ``live()`` VBox) to
+    ``value`` as a user would, and writes what the callback drew to ``out``: each figure shown, by title
+    and trace types (``Figure.show`` is wrapped for the moment of the change)."""
+    return f"""
+import json as _json
+from pathlib import Path as _Path
+import plotly.graph_objects as _go
+_shown, _show = [], _go.Figure.show
+_go.Figure.show = lambda self, *a, **k: _shown.append(
+    {{"title": self.layout.title.text or "", "types": sorted({{t.type for t in self.data}})}})
+try:
+    _control = {panel}.children[0].children[{control}]
+    _before = _control.value
+    _control.value = {value!r}
+finally:
+    _go.Figure.show = _show
+_Path({str(out)!r}).write_text(_json.dumps({{"before": repr(_before), "after": repr(_control.value), "shown": _shown}}))
+"""
 
 
 # -- the pairs ----------------------------------------------------------------------------------------
@@ -227,7 +257,11 @@ def test_00_quickstart(kernel, buffer_root, tmp_path):
 
 
 def test_01_expert_trajectories(kernel, buffer_root, tmp_path):
-    r = execute("01_expert_trajectories", tmp_path, kernel, buffer_root)
+    widget = tmp_path / "widget.json"  # the "dims" toggle (control 1) from 2-D to 3-D
+    r = execute("01_expert_trajectories", tmp_path, kernel, buffer_root, extra=drive("panel", 1, 3, widget))
+    w = json.loads(widget.read_text())
+    assert (w["before"], w["after"]) == ("2", "3")
+    assert len(w["shown"]) == 1 and w["shown"][0]["types"] == ["scatter3d"]  # redrawn, in 3-D
     assert r["traj_shape"] == [2, 4, r["num_params"]] and r["epochs"] == [0, 1, 2, 3]
     for accs in r["test_acc"]:
         assert len(accs) == 3 and accs[-1] > accs[0] > CHANCE
@@ -238,8 +272,12 @@ def test_01_expert_trajectories(kernel, buffer_root, tmp_path):
 
 
 def test_02_unrolled_student(kernel, buffer_root, tmp_path):
+    widget = tmp_path / "widget.json"  # the N slider (control 0) from 10 to 4
     r = execute("02_unrolled_student", tmp_path, kernel, buffer_root, start_epoch=1, syn_steps=10,
-                distill_iterations=10)
+                distill_iterations=10, extra=drive("panel", 0, 4, widget))
+    w = json.loads(widget.read_text())
+    assert (w["before"], w["after"]) == ("10", "4")
+    assert any("Student path: N = 4 steps" in f["title"] for f in w["shown"]), w["shown"]
     assert r["one_step_diff_library"] < 1e-6 and r["one_step_diff_sgd"] < 1e-5
     assert r["path_len"] == 11 and len(r["student_losses"]) == 10
     assert r["L_real"][0] == pytest.approx(1.0) and r["L_distilled"][0] == pytest.approx(1.0)
@@ -248,7 +286,13 @@ def test_02_unrolled_student(kernel, buffer_root, tmp_path):
 
 
 def test_03_matching_loss(kernel, buffer_root, tmp_path):
-    r = execute("03_matching_loss", tmp_path, kernel, buffer_root, start_epoch=1, syn_steps=10)
+    widget = tmp_path / "widget.json"  # the N slider (control 1) from 10 to 5: the curves and the breakdown
+    r = execute("03_matching_loss", tmp_path, kernel, buffer_root, start_epoch=1, syn_steps=10,
+                extra=drive("panel", 1, 5, widget))
+    w = json.loads(widget.read_text())
+    assert (w["before"], w["after"]) == ("10", "5")
+    titles = [f["title"] for f in w["shown"]]
+    assert len(titles) == 2 and "(t = 1, M = 2, N = 5)" in titles[1], titles
     assert r["hand_vs_library"] < 1e-6
     assert r["contribution_sum"] == pytest.approx(r["L"], rel=1e-4)
     assert len(r["layers"]) == 14
