@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # The whole suite: library tests, notebooks executed by papermill, and nbval over the notebooks (CI sizes).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	MTTLITE_CI=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 
 # The project's one GPU check (under 8 minutes on one GPU): tables in runs/gpu_check/gpu_check.md.

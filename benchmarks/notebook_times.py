@@ -38,9 +38,9 @@ NB_DIR = ROOT / "notebooks"
 KERNEL = "mttlite-nbtimes"
 
 
-def notebooks(selection: str | None) -> list[str]:
+def notebooks(selection: str | None, nb_dir: Path = NB_DIR) -> list[str]:
     """The notebook stems, all or those whose name starts with one of the comma-separated prefixes."""
-    names = sorted(p.stem for p in NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+    names = sorted(p.stem for p in nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if not selection:
         return names
     picked = [n for n in names if any(n.startswith(s.strip()) for s in selection.split(",") if s.strip())]
@@ -60,18 +60,18 @@ def kernelspec(where: Path, threads: int) -> None:
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(where)] + [p for p in [os.environ.get("JUPYTER_PATH")] if p])
 
 
-def time_one(name: str, work: Path, profile: str, cache: Path) -> dict:
+def time_one(name: str, work: Path, profile: str, cache: Path, nb_dir: Path = NB_DIR) -> dict:
     import papermill
 
-    source = (NB_DIR / f"{name}.py").read_text()
+    source = json.dumps(json.loads((nb_dir / f"{name}.ipynb").read_text())["cells"])
     params = {"profile": profile}
-    if "\nbuffer_root = " in source:
+    if "buffer_root = " in source:
         params["buffer_root"] = str(cache)
     out = work / f"{name}.out.ipynb"
     t0 = time.perf_counter()
     error = None
     try:
-        papermill.execute_notebook(str(NB_DIR / f"{name}.ipynb"), str(out), parameters=params, kernel_name=KERNEL,
+        papermill.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(out), parameters=params, kernel_name=KERNEL,
                                    cwd=str(work), progress_bar=False)
     except Exception as e:  # noqa: BLE001 - a failing notebook is a row of the table, not the end of it
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -112,9 +112,11 @@ def main(argv=None) -> int:
     p.add_argument("--warm", action="store_true", help="one shared expert cache (only the first notebook trains)")
     p.add_argument("--limit", type=float, default=300.0, help="the classroom target per notebook, seconds (300)")
     p.add_argument("--out", default="runs/bench/notebook_times")
+    p.add_argument("--dir", default=str(NB_DIR), help="the folder of NN_name.ipynb notebooks (default notebooks/)")
     a = p.parse_args(argv)
 
-    names = notebooks(a.notebooks)
+    nb_dir = Path(a.dir).resolve()
+    names = notebooks(a.notebooks, nb_dir)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/notebook_times.py", *(sys.argv[1:] if argv is None else argv)])
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
             work = tmp / name
             work.mkdir()
             cache = tmp / "shared-buffers" if a.warm else work / "buffers"
-            r = time_one(name, work, a.profile, cache)
+            r = time_one(name, work, a.profile, cache, nb_dir)
             rows.append(r)
             size = "-" if r["executed_bytes"] is None else f"{r['executed_bytes'] / 2**20:.1f} MiB"
             print(f"{name}: {r['seconds']:.0f} s, {size}{'  ' + r['error'] if r['error'] else ''}", flush=True)
