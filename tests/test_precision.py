@@ -398,3 +398,22 @@ def test_bf16_experts_and_evaluation(tmp_path, monkeypatch):
     res = evaluate_set(x, y, ds, protocol, progress=False, precision="bf16")
     assert res.set_info["precision"] == "bf16" and res.protocol == protocol.to_dict()
     assert "precision" not in evaluate_set(x, y, ds, protocol, progress=False).set_info
+
+
+@needs_bf16
+def test_norm_paths_benchmark_at_toy_size(tmp_path):
+    """benchmarks/norm_paths.py --quick: both instance-norm paths timed in one run, the library's own
+    switch put back afterwards (the script restores ``layers._functorch_wrapped``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "norm_paths.py"), "--quick", "--threads", "1",
+                        "--buffer", str(tmp_path / "buffer")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| exact |") or line.startswith("| unroll |")]
+    assert len(rows) == 2
+    for row in rows:
+        f32, low, ratio = (c.strip() for c in row.strip("|").split("|")[1:])
+        assert float(f32) > 0 and float(low) > 0 and ratio.endswith("×")
