@@ -207,6 +207,28 @@ def choose_profile(profile: str = "auto", device: str = "cpu", quiet: bool = Fal
     return profile
 
 
+def live(draw, **controls):
+    """A widget panel: ``draw(**values)`` re-runs whenever one of the ``controls`` (ipywidgets) changes.
+
+    Returns ``VBox([HBox(controls), note, Output])``: the controls in the order given, a one-line note,
+    and the output area the figure is redrawn in (cleared first). The notebooks draw each figure once
+    statically above the panel (what papermill, nbval and HTML exports show); the panel redraws it live.
+    """
+    import ipywidgets as widgets
+
+    out = widgets.Output()
+
+    def redraw(_change=None):
+        with out:
+            out.clear_output(wait=True)
+            draw(**{name: c.value for name, c in controls.items()})
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    note = widgets.HTML("<i>Move a control to redraw; the static figure above uses the notebook's parameters.</i>")
+    return widgets.VBox([widgets.HBox(list(controls.values())), note, out])
+
+
 # -- make notebooks -------------------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ if importlib.util.find_spec("mttlite") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", MTTLITE_REQUIREMENT], check=True)
     importlib.invalidate_caches()
 
-from mttlite.notebook import choose_profile, setup
+from mttlite.notebook import choose_profile, live, setup
 
 # "cuda" if torch.cuda.is_available() else "cpu", printed with the GPU's name; on Colab setup() also
 # turns on the widget manager that the sliders and progress bars need
@@ -104,22 +104,6 @@ elif profile == "ci":  # CI size, see notebooks/README.md
 torch.manual_seed(seed)
 buffer_dir = Path(buffer_root) / f"{dataset}-convnet-w{width}-e{train_epochs}"
 print(f"expert buffer: {buffer_dir}")
-
-
-# %%
-def live(draw, **controls):
-    """A widget: ``draw(**values)`` re-runs whenever a control changes. The figure above it is the static draw."""
-    out = widgets.Output()
-
-    def redraw(_change=None):
-        with out:
-            out.clear_output(wait=True)
-            draw(**{name: c.value for name, c in controls.items()})
-
-    for c in controls.values():
-        c.observe(redraw, names="value")
-    note = widgets.HTML("<i>Move a control to redraw; the static figure above uses the notebook's parameters.</i>")
-    return widgets.VBox([widgets.HBox(list(controls.values())), note, out])
 
 
 # %%

@@ -166,3 +166,19 @@ def test_every_notebook_has_a_profile_parameter_and_a_cpu_profile(path):
     assert "profile = choose_profile(profile, device)" in text
     assert 'if profile == "cpu":' in text and 'profile == "ci"' in text
     assert 'os.environ.get("MTTLITE_CI")' not in text  # the profile, not the variable, decides
+
+
+def test_live_redraws_with_every_control_value():
+    """``live``: a change of any control calls draw with ALL the controls' current values, in its output area."""
+    widgets = pytest.importorskip("ipywidgets")
+    calls = []
+    n = widgets.IntSlider(value=10, min=1, max=20)
+    alpha = widgets.FloatSlider(value=0.01, min=0.0, max=1.0)
+    panel = notebook.live(lambda n, alpha: calls.append((n, alpha)), n=n, alpha=alpha)
+    controls, note, out = panel.children
+    assert list(controls.children) == [n, alpha] and isinstance(out, widgets.Output)
+    assert calls == []  # nothing drawn until a control moves (the static figure is the notebook's)
+    n.value = 5
+    alpha.value = 0.5
+    n.value = 5  # no change, no redraw
+    assert calls == [(5, 0.01), (5, 0.5)]
