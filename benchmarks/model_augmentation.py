@@ -7,6 +7,8 @@
 On the embedded ``fashion-mnist-mini``, for each method (``--methods``; any of dc, dsa, dcc, dm) and IPC:
 
     plain      networks drawn fresh from the initialisation, I iterations (the method's usual run)
+    plain ×f   the same for ⌈f·I⌉ iterations, each f < 1 of ``--fractions``: the control for MA ×f (what the
+               cut budget alone costs)
     MA ×f      model augmentation: every network starts from a checkpoint of the pool (experts × epochs
                ``--pool-epochs`` of an expert buffer), perturbed with ``--rho``, for ⌈f·I⌉ iterations,
                f in ``--fractions`` (f = 1: the same budget; f < 1: the paper's claim, a cut budget)
@@ -193,6 +195,8 @@ def main(argv=None) -> int:
             variants = [("plain", base)]
             for f in fractions:
                 n = max(1, math.ceil(f * base["iterations"]))
+                if f < 1:  # the control: the same cut budget without model augmentation
+                    variants.append((f"plain ×{f:g}", {**base, "iterations": n}))
                 variants.append((f"MA ×{f:g}", {**base, "iterations": n, "model_pool": buf, "pool_epochs": pool_epochs,
                                                 "rho": a.rho}))
             for variant, kw in variants:
