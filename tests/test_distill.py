@@ -136,3 +136,20 @@ def test_log_alpha_stays_positive_and_follows_chain_rule(setup):
     expected = 0.05 * torch.exp(torch.tensor(-1e-3 * 0.05 * info_log.grad_syn_lr)).item()
     assert log.syn_lr.item() == pytest.approx(expected, rel=1e-6)
     assert replace(_config(), alpha_param="log").validate().alpha_param == "log"
+
+
+def test_docs_method_presets_table_matches_presets():
+    """docs/method.md's table of the authors' values is the PRESETS dict, row by row (no drift)."""
+    from pathlib import Path
+
+    from mttlite.distill import PRESETS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 11]
+    assert len(rows) == 9, rows
+    for row in rows:
+        name, n, m, t, lr_img, lr_lr, a0, batch, zca, its = (c.strip() for c in row.strip("|").split("|"))
+        c = PRESETS[name.strip("`")]
+        assert (int(n), int(m), int(t), int(its)) == (c.syn_steps, c.expert_epochs, c.max_start_epoch, c.iterations), name
+        assert (float(lr_img), float(lr_lr), float(a0)) == (c.lr_img, c.lr_lr, c.lr_teacher), name
+        assert (None if batch == "all" else int(batch)) == c.batch_syn and (zca == "yes") == c.zca, name
