@@ -1,4 +1,4 @@
-"""What the notebooks share: the device, Colab, the expert cache, and the "Open in Colab" badges.
+"""What the notebooks share: the device, Colab, the expert cache, the profile (sizes), the live widget panel, and the "Open in Colab" badges.
 
 The repository's URL is set in ONE place, ``[project.urls] Repository`` in ``pyproject.toml``.
 Two lines of every notebook are written from it, because they must work before mttlite is
