@@ -36,6 +36,8 @@ COLAB_EXTRA = "colab"
 BUFFER_ROOT = "runs/notebooks/buffers"
 #: The environment variable naming a folder to keep the expert cache in (e.g. on Google Drive).
 EXPERT_CACHE_ENV = "MTTLITE_EXPERT_CACHE"
+#: The environment variable that makes figures embed plotly.js (``plotly_renderer``).
+PLOTLY_OFFLINE_ENV = "MTTLITE_PLOTLY_OFFLINE"
 #: Where Colab mounts Google Drive.
 DRIVE_MOUNT = "/content/drive"
 
@@ -137,12 +139,28 @@ def link_expert_cache(target: str | os.PathLike, link: str | os.PathLike = BUFFE
     return link
 
 
+def plotly_renderer(offline: bool | None = None) -> str:
+    """The plotly renderer the notebooks use outside Colab (``setup`` sets it as the default).
+
+    Every figure is published twice: as plotly's own MIME type, which JupyterLab and Jupyter
+    Notebook draw with the plotly extension (shipped in the ``plotly`` package, no network), and as
+    HTML for everything else (nbconvert's HTML, VS Code, GitHub-like viewers that run scripts).
+    That HTML loads plotly.js from its CDN (``notebook_connected``: an executed notebook stays a few
+    hundred KB) unless ``offline`` -- default: the environment variable ``MTTLITE_PLOTLY_OFFLINE=1``
+    -- embeds plotly.js once per notebook (``notebook``: about 4.6 MiB more, renders with no network).
+    """
+    if offline is None:
+        offline = os.environ.get(PLOTLY_OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return "plotly_mimetype+notebook" if offline else "plotly_mimetype+notebook_connected"
+
+
 def setup(expert_cache: str | os.PathLike | None = None) -> str:
     """Pick the device, say which, and prepare the front end; returns ``"cuda"`` or ``"cpu"``.
 
     The device is ``"cuda" if torch.cuda.is_available() else "cpu"``. On Colab this turns on its
-    custom widget manager (ipywidgets, tqdm's progress bars); elsewhere plotly figures embed
-    plotly.js, so they render in JupyterLab, in nbconvert's HTML and offline.
+    custom widget manager (ipywidgets, tqdm's progress bars); elsewhere plotly's default renderer
+    becomes ``plotly_renderer()``: figures render in JupyterLab offline, and exported HTML loads
+    plotly.js from its CDN (``MTTLITE_PLOTLY_OFFLINE=1`` embeds it instead).
 
     expert_cache: a folder to keep the expert buffers in (default ``$MTTLITE_EXPERT_CACHE``; none: the
     notebooks' ``runs/notebooks/buffers``), e.g. ``"/content/drive/MyDrive/mttlite/buffers"``: on Colab
@@ -162,7 +180,7 @@ def setup(expert_cache: str | os.PathLike | None = None) -> str:
         try:
             import plotly.io as pio
 
-            pio.renderers.default = "plotly_mimetype+notebook"
+            pio.renderers.default = plotly_renderer()
         except ImportError:
             pass
     cache = expert_cache_dir(expert_cache)

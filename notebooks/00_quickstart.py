@@ -39,12 +39,14 @@
 # matching loss, `04` the outer loop, `05` evaluation, `06` long vs short range, `07` memory,
 # `08` reproduction.
 #
-# **Run time** (shipped parameters): about 4 min on a Colab T4 GPU (estimate, not yet measured);
-# CPU (2 cores)
-# about 30 min, of which 22 min train the experts (estimated from measured unit costs: 26 s per
-# expert epoch and 2.3 s per distillation iteration at width 128). With `MTTLITE_CI=1` or the CI
-# parameters of `tests/test_notebooks.py`: 40 s on 2 CPU cores, expert training included
-# (measured). On a CPU, `width = 32` and `train_epochs = 5` give a usable result in about 5 min.
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **2.0 min on 2 CPU cores from a cold
+# start**, the experts included (119 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 00`).
+# The teaching parameters (`profile = "teaching"`, what a GPU gets): about 4 min on a Colab T4 GPU
+# (estimate, not yet measured); forced on 2 CPU cores about 30 min, of which 22 min train the
+# experts (estimated from measured unit costs: 26 s per expert epoch and 2.3 s per distillation
+# iteration at width 128). CI parameters: 40 s on 2 CPU cores, expert training included (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

@@ -38,8 +38,12 @@
 # * the student's path drawn in the same PCA projection as the expert's, before and after a short
 #   distillation; widgets for $N$, $\alpha$ and $t$.
 #
-# **Run time** (shipped parameters), once the experts exist: under 1 min on a Colab T4 GPU
-# (estimate, not yet measured); CPU (2 cores) about 5 min, mostly the short distillation
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **1.4 min on 2 CPU cores from a cold
+# start**, the experts included (85 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 02`).
+# The teaching parameters (what a GPU gets), once the experts exist: under 1 min on a Colab T4 GPU
+# (estimate, not yet measured); forced on 2 CPU cores about 5 min, mostly the short distillation
 # (estimated). CI parameters: 13 s on 2 CPU cores (measured).
 
 # %%

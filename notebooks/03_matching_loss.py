@@ -35,9 +35,13 @@
 # * distance-to-target curves $L(n)$ for several $M$; widgets for $M$ and $N$ with the loss
 #   recomputed live.
 #
-# **Run time** (shipped parameters), once the experts exist: under 1 min on a Colab T4 GPU
-# (estimate, not yet measured); CPU (2 cores) about 1-2 min (estimated). CI parameters: 7 s on 2 CPU
-# cores (measured).
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **1.1 min on 2 CPU cores from a cold
+# start**, the experts included (68 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 03`).
+# The teaching parameters (what a GPU gets), once the experts exist: under 1 min on a Colab T4 GPU
+# (estimate, not yet measured); forced on 2 CPU cores about 1-2 min (estimated). CI parameters: 7 s
+# on 2 CPU cores (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

@@ -39,9 +39,13 @@
 # * what goes wrong when `lr_img`, `lr_lr` or $T^+$ are too large — a guarded demo that catches
 #   `DistillationDiverged` and shows its message.
 #
-# **Run time** (shipped parameters), once the experts exist: about 1 min on a Colab T4 GPU
-# (estimate, not yet measured); CPU (2 cores) about 12 min (estimated: 300 iterations x 2.3 s). CI
-# parameters: 11 s on 2 CPU cores (measured).
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **2.7 min on 2 CPU cores from a cold
+# start**, the experts included (160 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 04`).
+# The teaching parameters (what a GPU gets), once the experts exist: about 1 min on a Colab T4 GPU
+# (estimate, not yet measured); forced on 2 CPU cores about 12 min (estimated: 300 iterations x
+# 2.3 s). CI parameters: 11 s on 2 CPU cores (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:
@@ -68,9 +72,8 @@ from pathlib import Path
 
 import plotly.express as px
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
-from IPython.display import display
+from IPython.display import clear_output
 from plotly.subplots import make_subplots
 
 from mttlite.data import load_dataset
@@ -98,7 +101,7 @@ snapshot_every = 10  # keep the images every this many iterations (for the anima
 bad_lr_img = 1e5  # the divergence demo: a pixel learning rate 1000x too large
 bad_lr_lr = 10.0  # ... and a learning rate of alpha far too large
 bad_iterations = 30  # give up the divergence demo after this many iterations
-noise_iterations = 150  # section 5: a run from pure noise (pix_init="noise")
+noise_iterations = 150  # section 5: a run from pure noise (pix_init: noise)
 noise_lr_img = 1000.0  # ... with a larger pixel learning rate: noise is far from any image
 seed = 0
 results_path = None
@@ -198,12 +201,13 @@ print(f"correct: ‖x_1 − x_0‖ = {moved:.4g}")
 #
 # `run(distiller, callbacks=[f])` calls `f(info)` after every iteration. Our callback keeps the
 # numbers, keeps a copy of the images every `snapshot_every` iterations, and every `plot_every`
-# iterations redraws ONE figure in place: the cell displays the figure once with a *display id*
-# and later replaces that output (`handle.update`). It works in JupyterLab, Colab and headless
-# (papermill records the final figure as the cell's one output). One detail: `display(fig,
-# display_id=True)` alone would not do it, because a plotly figure publishes itself (without the id)
-# when displayed, so every update would append a new figure; we hand IPython the figure's rendered
-# form instead (`rendered(fig)`: what `fig.show()` would display) with `raw=True`.
+# iterations redraws ONE figure in place: it clears the cell's output and shows the new figure.
+# `clear_output(wait=True)` holds the clearing back until the new figure arrives, so nothing
+# flickers, and at every moment the cell shows one figure, in JupyterLab, Colab and headless
+# (papermill records the final figure as the cell's one figure). Why not a *display id*
+# (`handle = display(..., display_id=True)`, then `handle.update(...)`)? JupyterLab's plotly renderer
+# draws a figure once and ignores later updates of the same output: the page would keep showing
+# iteration 0 (found by `benchmarks/browser_pass.py`, which reads the figure in a real browser).
 
 # %%
 hist = {"iteration": [], "loss": [], "syn_lr": [], "grad_syn_lr": [], "grad_norm_images": [], "t": []}
@@ -222,18 +226,13 @@ def figure_now():
     return fig
 
 
-def rendered(fig):
-    """What `fig.show()` would display (one entry per renderer in `pio.renderers.default`), as a dict."""
-    return {k: v for name in pio.renderers.default.split("+")
-            for k, v in pio.renderers[name].to_mimebundle(fig.to_dict()).items()}
-
-
-live = display(rendered(figure_now()), raw=True, display_id=True)  # a handle on ONE output
-
-
 def redraw():
-    live.update(rendered(figure_now()), raw=True)  # replaces that output in place
+    """Show the figure of the numbers so far as the cell's one output (replacing the previous one)."""
+    clear_output(wait=True)  # cleared when the next output arrives: no blank moment
+    figure_now().show()
 
+
+redraw()  # iteration 0: the empty axes
 
 
 def on_iteration(info):

@@ -38,9 +38,13 @@
 # What you will learn: the protocol in code; a random-real baseline of the same size;
 # cross-architecture transfer; a confusion matrix; the images per class with their accuracies.
 #
-# **Run time** (shipped parameters), once the experts exist: about 3-5 min on a Colab T4 GPU
-# (estimate, not yet measured; ResNet-18 and VGG-11 dominate); CPU (2 cores) about 30 min
-# (estimated). CI parameters: 14 s on 2 CPU cores (measured).
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **3.1 min on 2 CPU cores from a cold
+# start**, the experts included (184 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 05`).
+# The teaching parameters (what a GPU gets), once the experts exist: about 3-5 min on a Colab T4
+# GPU (estimate, not yet measured; ResNet-18 and VGG-11 dominate); forced on 2 CPU cores about
+# 30 min (estimated). CI parameters: 14 s on 2 CPU cores (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

@@ -37,9 +37,14 @@
 # This is a *small* ablation (few experts, few iterations, few epochs): the trend is what to read,
 # not the third digit.
 #
-# **Run time** (shipped parameters), once the experts exist: about 5 min on a Colab T4 GPU
-# (estimate, not yet measured); CPU (2 cores) about 50 min (estimated: 9 cells x 200 iterations,
-# N = 30 costing about 3.5 s per iteration). CI parameters: 13 s on 2 CPU cores (measured).
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **2.8 min on 2 CPU cores from a cold
+# start**, the experts included (170 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 06`).
+# The teaching parameters (what a GPU gets), once the experts exist: about 5 min on a Colab T4 GPU
+# (estimate, not yet measured); forced on 2 CPU cores about 50 min (estimated: 9 cells x 200
+# iterations, N = 30 costing about 3.5 s per iteration). CI parameters: 13 s on 2 CPU cores
+# (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

@@ -35,8 +35,13 @@
 # $N$, **measured live** (peak RSS of a fresh subprocess per configuration on CPU,
 # `torch.cuda.max_memory_allocated` on GPU).
 #
-# **Run time** (shipped parameters): about 1 min on a Colab T4 GPU (estimate, not yet measured);
-# CPU (2 cores) about 2 min (estimated). CI parameters: 18 s on 2 CPU cores (measured).
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **0.4 min on 2 CPU cores from a cold
+# start**, the experts included (24 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 07`).
+# The teaching parameters (what a GPU gets): about 1 min on a Colab T4 GPU (estimate, not yet
+# measured); forced on 2 CPU cores about 2 min (estimated). CI parameters: 18 s on 2 CPU cores
+# (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

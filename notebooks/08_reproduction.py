@@ -40,9 +40,13 @@
 # The paper symbols: $N$ = `syn_steps`, $M$ = `expert_epochs`, $T^+$ = `max_start_epoch`,
 # $\alpha$ = `syn_lr` (initialised to `lr_teacher`), `ipc` images per class, `lr_img`, `lr_lr`.
 #
-# **Run time** (shipped parameters): about 4 min on a Colab T4 GPU (estimate, not yet measured);
-# CPU (2 cores) about 45 min with the experts (estimated: 500 iterations x 2.3 s plus 22 min of
-# experts). CI parameters: 12 s on 2 CPU cores once the buffer exists (measured).
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **1.9 min on 2 CPU cores from a cold
+# start**, the experts included (116 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 08`).
+# The teaching parameters (what a GPU gets): about 4 min on a Colab T4 GPU (estimate, not yet
+# measured); forced on 2 CPU cores about 45 min with the experts (estimated: 500 iterations x 2.3 s
+# plus 22 min of experts). CI parameters: 12 s on 2 CPU cores once the buffer exists (measured).
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

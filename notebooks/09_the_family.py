@@ -36,11 +36,13 @@
 # Soft labels lift accuracy on their own, whatever the images: every soft-label set is also
 # evaluated with the **same images under hard labels**, so the images can be judged apart.
 #
-# **Run time** (shipped parameters): about 1 min on a Colab T4 GPU (estimate, not yet measured);
-# CPU (2 cores): 4 min once the experts exist (measured with 1 thread while other jobs shared
-# the machine: 6 variants x ~30 s), plus about 2 min to train the experts the first time
-# (estimated). CI parameters: about 25 s on 2 CPU cores (measured). `benchmarks/family_table.py` runs the same comparison at
-# IPC 1 and 10 with 5 networks per set.
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **3.2 min on 2 CPU cores from a cold
+# start**, the experts included (191 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 09`).
+# The teaching parameters (what a GPU gets): about 1 min on a Colab T4 GPU (estimate, not yet
+# measured). CI parameters: about 25 s on 2 CPU cores (measured). `benchmarks/family_table.py`
+# runs the same comparison at IPC 1 and 10 with 5 networks per set.
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

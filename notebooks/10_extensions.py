@@ -36,12 +36,14 @@
 # moves every filter and turns the meta-gradient; a texture run, its canvases tiled 3 × 3. Each
 # section re-derives one thing by hand and checks it against the library; two exercises at the end.
 #
-# **Run time** (shipped parameters): CPU (2 cores): about 4 min once the experts exist (estimated
-# from the benchmark's 1.2 s per iteration at this size on a shared machine: 4 runs × 40 iterations
-# and ~20 meta-gradients), plus about 2 min to train the experts the first time (shared with notebook
-# 09); a Colab T4 GPU: about 1 min (estimate, not yet measured). CI parameters: about 20 s on one CPU
-# thread once the CI experts exist (measured, nbval, while two benchmarks shared the machine). `benchmarks/family_table.py --variants mtt,prune,depth,texture,perturb` measures each
-# switch's accuracy against plain MTT under one protocol.
+# **Run time.** Opened without a GPU, the notebook picks the classroom CPU profile
+# (`profile = "auto"`, see `notebooks/README.md`): **2.4 min on 2 CPU cores from a cold
+# start**, the experts included (142 s, measured on a 2-core AMD EPYC with
+# `python benchmarks/notebook_times.py --notebooks 10`).
+# The teaching parameters (what a GPU gets): about 1 min on a Colab T4 GPU (estimate, not yet
+# measured). CI parameters: about 20 s on one CPU thread once the CI experts exist (measured).
+# `benchmarks/family_table.py --variants mtt,prune,depth,texture,perturb` measures each switch's
+# accuracy against plain MTT under one protocol.
 
 # %%
 # Set-up. On Colab this installs mttlite from its repository (without the `[notebooks]` extra:

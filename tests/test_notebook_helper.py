@@ -182,3 +182,27 @@ def test_live_redraws_with_every_control_value():
     alpha.value = 0.5
     n.value = 5  # no change, no redraw
     assert calls == [(5, 0.01), (5, 0.5)]
+
+
+@pytest.mark.parametrize("offline", ["", "1"])
+def test_setup_off_colab_chooses_where_plotly_js_comes_from(monkeypatch, tmp_path, offline):
+    """Off Colab every figure carries plotly's MIME type (JupyterLab draws it with no network) plus HTML
+    that loads plotly.js from the CDN, a few KB, or with MTTLITE_PLOTLY_OFFLINE=1 embeds it (MBs)."""
+    pio = pytest.importorskip("plotly.io")
+    import plotly.graph_objects as go
+
+    monkeypatch.setattr(notebook, "on_colab", lambda: False)
+    monkeypatch.setenv(notebook.PLOTLY_OFFLINE_ENV, offline)
+    monkeypatch.delenv(notebook.EXPERT_CACHE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)  # restored after the test
+    notebook.setup()
+    bundle = go.Figure(go.Scatter(y=[1, 3, 2]))._repr_mimebundle_()
+    assert "application/vnd.plotly.v1+json" in bundle
+    html = bundle["text/html"]  # (the embedding renderer publishes plotly.js itself once, on activation)
+    if offline:
+        assert pio.renderers.default == "plotly_mimetype+notebook"
+        assert "cdn.plot.ly" not in html
+    else:
+        assert pio.renderers.default == "plotly_mimetype+notebook_connected"
+        assert len(html) < 50_000 and "cdn.plot.ly" in html

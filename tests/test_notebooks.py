@@ -143,6 +143,10 @@ def test_parameters_cell(name):
         ast.literal_eval(stmt.value)  # a literal: papermill can override it
         names.append(stmt.targets[0].id)
     assert "results_path" in names and "seed" in names
+    # papermill's own parser (what `papermill --help-notebook` lists) sees every one of them: a quote in a
+    # trailing comment, for one, makes it skip the line with an "Unable to parse" warning
+    seen = papermill.inspect_notebook(str(NB_DIR / f"{name}.ipynb"))
+    assert sorted(seen) == sorted(names), sorted(set(names) ^ set(seen))
     src = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "device = setup()" in src  # mttlite.notebook.setup: "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -316,8 +320,8 @@ def test_04_learning_alpha_and_pixels(kernel, buffer_root, tmp_path):
     assert r["syn_lr_last"] != r["syn_lr_first"] and r["pixels_changed"] > 0
     assert r["diverged"] and "lower" in r["message"] and "last good one" in r["message"]
     assert r["bad_state_finite"]
-    # the live plot is ONE figure redrawn in place (a display id, updated): the cell's only display output
-    # is that figure, and it shows the LAST update (its title names the final iteration)
+    # the live plot is ONE figure redrawn in place (clear_output(wait=True), then the new figure): the cell's
+    # only display output is that figure, and it shows the LAST update (its title names the final iteration)
     nb = nbformat.read(tmp_path / "04_learning_alpha_and_pixels.out.ipynb", as_version=4)
     (cell,) = [c for c in nb.cells if "run(distiller, callbacks=[on_iteration]" in c.source]
     shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
