@@ -18,7 +18,8 @@ import traceback
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, Diverged, one_line
+from .errors import (EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, Diverged, clear_interrupt,
+                     install_interrupt_handler, one_line)
 
 SYMBOLS = {
     "ipc": "images per class in the synthetic set D_syn",
@@ -398,9 +399,11 @@ def main(argv=None) -> int:
     2 bad input, 3 divergence, 1 system error (disk full, read-only), 130 Ctrl-C; a bug keeps its
     traceback, followed by a line asking for a report (exit code 70)."""
     args = build_parser().parse_args(argv)
+    install_interrupt_handler()
     try:
         return _main(args)
     except KeyboardInterrupt:
+        clear_interrupt()
         print(f"\nmttlite {args.command}: interrupted (Ctrl-C): {_saved_state(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Diverged as e:

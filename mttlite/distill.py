@@ -90,7 +90,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .augment import DSAParams, default_strategy, parse_strategy
-from .errors import Diverged
+from .errors import Diverged, check_interrupt
 from .io import generator_state, load_tensors, save_tensors
 from .kernels import StepKernels
 from .matching import apply_mask
@@ -968,6 +968,7 @@ def run(
     bar = tqdm(total=c.iterations, initial=distiller.iteration, disable=not progress, desc="distill", unit="it")
     try:
         while distiller.iteration < c.iterations:
+            check_interrupt()  # a Ctrl-C whose KeyboardInterrupt Python dropped (mttlite.errors)
             info = distiller.step()
             bar.set_postfix(loss=f"{info.loss:.4f}", alpha=f"{info.syn_lr:.3g}")
             bar.update(1)

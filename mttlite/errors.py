@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import signal
+import threading
+
 EXIT_OS = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -30,3 +33,34 @@ def one_line(message) -> str:
     if not rest:
         return head
     return f"{head} {'; '.join(rest)}" if head.endswith(":") else f"{head}; {'; '.join(rest)}"
+
+
+# -- Ctrl-C that cannot be lost --------------------------------------------------------------------
+# Python prints and DROPS an exception raised while it runs a ``__del__`` method or a garbage-collector
+# callback ("Exception ignored in ..."). A KeyboardInterrupt that lands there would let a long run go on
+# as if Ctrl-C had never been pressed. So the command line's handler also remembers the interrupt, and
+# the long loops (distillation iterations, expert epochs) call ``check_interrupt()`` between steps.
+_pending = False
+
+
+def _on_sigint(signum, frame):
+    global _pending
+    _pending = True
+    raise KeyboardInterrupt
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered until ``clear_interrupt()``."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed and its exception was dropped on the way."""
+    if _pending:
+        raise KeyboardInterrupt
+
+
+def clear_interrupt() -> None:
+    global _pending
+    _pending = False

@@ -85,7 +85,7 @@ from .buffers import (
     save_expert,
     write_or_check_meta,
 )
-from .errors import Diverged
+from .errors import Diverged, check_interrupt
 from .io import RunLock
 from .networks import get_network
 from .precision import autocast, check_precision, upcast
@@ -546,6 +546,7 @@ def _train(dataset, out, meta, num_experts, train_epochs, arch, width, depth, no
             group = _Group(experts, nets, vmapped=parallel > 1, device=device, opts=opts)
             group.snapshot(0, store_dtype)
             for epoch in range(1, train_epochs + 1):
+                check_interrupt()  # a Ctrl-C whose KeyboardInterrupt Python dropped (mttlite.errors)
                 diverged = group.train_epoch(X, Y)
                 if diverged:
                     if fresh and not list_experts(out):  # nothing of this buffer exists yet: leave no trace
