@@ -18,8 +18,8 @@ import traceback
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .errors import (EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, Diverged, clear_interrupt,
-                     install_interrupt_handler, one_line)
+from .errors import (EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, Diverged,
+                     install_interrupt_handler, one_line, restore_interrupt_handler)
 
 SYMBOLS = {
     "ipc": "images per class in the synthetic set D_syn",
@@ -399,11 +399,10 @@ def main(argv=None) -> int:
     2 bad input, 3 divergence, 1 system error (disk full, read-only), 130 Ctrl-C; a bug keeps its
     traceback, followed by a line asking for a report (exit code 70)."""
     args = build_parser().parse_args(argv)
-    install_interrupt_handler()
+    previous = install_interrupt_handler()  # put back on the way out: an in-process caller keeps its own
     try:
         return _main(args)
     except KeyboardInterrupt:
-        clear_interrupt()
         print(f"\nmttlite {args.command}: interrupted (Ctrl-C): {_saved_state(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Diverged as e:
@@ -422,6 +421,8 @@ def main(argv=None) -> int:
         print(f"mttlite {args.command}: internal error: this is a bug in mttlite {__version__}, not in your settings; "
               "please report it with the command line and the traceback above", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        restore_interrupt_handler(previous)
 
 
 def _main(args) -> int:

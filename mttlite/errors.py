@@ -49,10 +49,21 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
-def install_interrupt_handler() -> None:
-    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered until ``clear_interrupt()``."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+def install_interrupt_handler():
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered until ``clear_interrupt()``.
+
+    Returns the handler it replaced (``restore_interrupt_handler`` puts it back; ``None`` off the main
+    thread, where nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, _on_sigint)
+
+
+def restore_interrupt_handler(previous) -> None:
+    """Put back the handler ``install_interrupt_handler`` replaced, and forget any pending interrupt."""
+    clear_interrupt()
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_interrupt() -> None:

@@ -177,15 +177,34 @@ def test_a_ctrl_c_that_python_drops_still_stops_the_run(setup, tmp_path, monkeyp
 
     dropped = []  # what Python reports as "Exception ignored in ..." (sys.unraisablehook)
     monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
-    before = signal.getsignal(signal.SIGINT)
-    errors.install_interrupt_handler()
+    previous = errors.install_interrupt_handler()
     try:
         with pytest.raises(KeyboardInterrupt):
             run(Distiller(_config(), *setup), tmp_path, progress=False, callbacks=(ctrl_c_in_a_destructor,))
     finally:
-        signal.signal(signal.SIGINT, before)
-        errors.clear_interrupt()
+        errors.restore_interrupt_handler(previous)
     assert dropped == [KeyboardInterrupt]  # Python did drop it: without the handler's memory the run would go on
     from mttlite.io import read_meta_only
 
     assert read_meta_only(tmp_path / "checkpoint.safetensors")["iteration"] == 2  # stopped before iteration 4
+
+
+def test_the_command_line_puts_back_the_ctrl_c_handler_it_found(tmp_path):
+    """cli.main installs its remembering SIGINT handler for its own run only: an in-process caller (a
+    notebook kernel, whose interrupt button sends SIGINT) gets its own handler back, with nothing pending."""
+    import signal
+
+    from mttlite import cli, errors
+    from mttlite.errors import EXIT_BAD_INPUT
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGINT, mine)
+    try:
+        assert cli.main(["export", str(tmp_path / "missing.safetensors"), "--png", str(tmp_path / "x.png")]) \
+            == EXIT_BAD_INPUT
+        assert signal.getsignal(signal.SIGINT) is mine
+        errors.check_interrupt()  # nothing pending: does not raise
+    finally:
+        signal.signal(signal.SIGINT, before)
