@@ -223,7 +223,12 @@ def test_ctrl_c_says_what_was_saved_and_a_second_writer_is_refused(w):
         one_error(mttlite("distill", "--buffer", w.buf, "--out", out, *TINY), EXIT_BAD_INPUT,
                   f"{out} is in use by another `mttlite distill` run", "pid ")
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say what the run was doing instead of only that it went on
+            p.kill()
+            _, err = p.communicate()
+            raise AssertionError(f"still running 60 s after SIGINT; its stderr ends with:\n{err[-3000:]}") from None
     finally:
         if p.poll() is None:
             p.kill()
