@@ -224,12 +224,15 @@ def menu(page, top: str, item: str) -> None:
     page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
 
 
+def cells(page):
+    """The open notebook's cells, in the order the JS snippets above number them."""
+    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+
+
 def touch(page, cell: int, kind: str, k: int, wait: float) -> tuple[bool, float]:
     """Operate one control; return (did the outputs change, seconds until they did)."""
     before = page.evaluate(SIGNATURE_JS)
-    c = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook > .jp-WindowedPanel-outer .jp-Cell").nth(cell)
-    if c.count() == 0:  # older layouts without the windowed panel wrapper
-        c = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").nth(cell)
+    c = cells(page).nth(cell)
     if kind == "slider":
         h = c.locator(".widget-slider .noUi-handle").nth(k)
         h.scroll_into_view_if_needed()
@@ -389,9 +392,9 @@ def check_notebook(page, url: str, name: str, out: Path, run_timeout: float, wai
                              "waits_for_button": manual})
     shots = out / name
     shots.mkdir(parents=True, exist_ok=True)
-    cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell")
-    for i in range(cells.count()):
-        c = cells.nth(i)
+    all_cells = cells(page)
+    for i in range(all_cells.count()):
+        c = all_cells.nth(i)
         if c.locator(".js-plotly-plot, .jupyter-widgets, .jp-RenderedImage").count():
             try:
                 c.screenshot(path=str(shots / f"cell{i:02d}.png"))
