@@ -20,7 +20,9 @@ same ``--out`` only rebuilds the table):
 4. ``baselines``  random real, herding, DC, DSA, DM at the same IPCs. DC, DSA and DM get the same
                   wall-clock budget as MTT's distillation at that IPC (the sum of MTT's iteration
                   times, expert training excluded): a calibration run of a few iterations measures
-                  their seconds per iteration, then the iteration count is set to fill the budget.
+                  their seconds per iteration, then the iteration count is set to fill the budget
+                  (``--baseline-iterations dm=464`` fixes a count instead: a published row rebuilt
+                  without its wall clock).
                                                                          -> ``sets/<method>-ipc<k>.safetensors``
 5. ``evaluate``   ConvNet-3 at the experts' width, fresh networks trained on the set only (SGD,
                   momentum 0.9, wd 5e-4, batch 256, DSA, lr x0.1 at half; lr = MTT's learned α,
@@ -379,6 +381,18 @@ def stage_distill(out: Path, ds: Dataset, cfg: dict, ipcs, device, iterations, o
     log.record("distill", ran, cached, seconds, wall, "seconds = sum of MTT's iteration times (the baselines' budget)")
 
 
+def parse_baseline_iterations(items: list[str] | None) -> dict[str, int]:
+    """``["dm=464", "dsa=11"]`` -> ``{"dm": 464, "dsa": 11}``; only the budgeted methods take a count."""
+    fixed: dict[str, int] = {}
+    for item in items or []:
+        m, sep, n = item.partition("=")
+        if not sep or m not in BUDGETED or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--baseline-iterations {item!r}: expected METHOD=N with METHOD one of "
+                             f"{', '.join(BUDGETED)} and N a positive integer, e.g. dm=464")
+        fixed[m] = int(n)
+    return fixed
+
+
 def mtt_budget(out: Path, ipc: int) -> float | None:
     p = out / f"mtt-ipc{ipc}" / "distill.json"
     return float(read_json(p)["seconds"]) if p.exists() else None
@@ -390,7 +404,10 @@ def mtt_budget(out: Path, ipc: int) -> float | None:
 
 
 def stage_baselines(out: Path, ds: Dataset, cfg: dict, ipcs, methods, device, budget_override, log: StageLog,
-                    progress: bool) -> None:
+                    progress: bool, fixed_iterations: dict[str, int] | None = None) -> None:
+    """``fixed_iterations`` (``--baseline-iterations dm=464``): these methods run exactly that many
+    iterations, no budget and no calibration (to rebuild a published row without its wall clock)."""
+    fixed_iterations = fixed_iterations or {}
     ran = cached = 0
     seconds = wall = 0.0
     width = cfg["width"]
@@ -414,7 +431,13 @@ def stage_baselines(out: Path, ds: Dataset, cfg: dict, ipcs, methods, device, bu
             if m != "random":
                 opts["width"] = width  # DC/DSA/DM's networks and herding's embedding: the experts' ConvNet width
             rec: dict = {"method": m, "ipc": ipc}
-            if m in BUDGETED:
+            if m in BUDGETED and m in fixed_iterations:
+                opts.update(cfg["baselines"].get(m, {}))
+                opts["iterations"] = fixed_iterations[m]
+                rec["iterations_fixed"] = True
+                print(f"[baselines] {m} IPC {ipc}: {opts['iterations']} iterations (fixed by --baseline-iterations, "
+                      "no budget)", flush=True)
+            elif m in BUDGETED:
                 budget = budget_override if budget_override is not None else mtt_budget(out, ipc)
                 if budget is None:
                     raise SystemExit(f"[baselines] {m} at IPC {ipc} needs MTT's wall-clock budget: run the distill "
@@ -546,7 +569,7 @@ def build_cell(out: Path, method: str, ipc: int) -> dict:
         return {}
     r = read_json(p)
     return {"seconds": r["seconds"], "iterations": r["config"].get("iterations"), "budget_seconds": r.get("budget_seconds"),
-            "calibration": r.get("calibration")}
+            "calibration": r.get("calibration"), "iterations_fixed": r.get("iterations_fixed", False)}
 
 
 def make_table(out: Path, methods, ipcs) -> tuple[str, list[dict]]:
@@ -571,6 +594,8 @@ def make_table(out: Path, methods, ipcs) -> tuple[str, list[dict]]:
                 cells.append("-")
             elif b.get("budget_seconds") is not None:
                 cells.append(f"{secs(b['seconds'])}, {b['iterations']} it (budget {secs(b['budget_seconds'])})")
+            elif b.get("iterations_fixed"):
+                cells.append(f"{secs(b['seconds'])}, {b['iterations']} it (fixed)")
             elif m == "mtt":
                 cells.append(f"{secs(b['seconds'])}, {b['iterations']} it, α {b['syn_lr']:.3g}")
             else:
@@ -693,6 +718,9 @@ def main(argv=None) -> int:
     p.add_argument("--cross-arch", action="store_true", help="also evaluate the MTT and DM IPC-10 sets on 5 archs")
     p.add_argument("--archs", nargs="+", choices=CROSS_ARCHS, default=list(CROSS_ARCHS),
                    help="architectures of the cross-architecture stage")
+    p.add_argument("--baseline-iterations", nargs="+", default=None, metavar="METHOD=N",
+                   help="run DC/DSA/DM for exactly N iterations instead of MTT's wall-clock budget, e.g. dm=464 "
+                        "(rebuilds a published row without its clock)")
     p.add_argument("--num-experts", type=int, default=None, help="experts (default: the size's)")
     p.add_argument("--train-epochs", type=int, default=None,
                    help="expert epochs (default: the size's); T+ is clipped to what the buffer stores")
@@ -702,6 +730,7 @@ def main(argv=None) -> int:
                    help="tiny only: subset of the full Fashion-MNIST (auto falls back to the embedded mini set)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     args = p.parse_args(argv)
+    fixed_iterations = parse_baseline_iterations(args.baseline_iterations)  # refused before anything runs
 
     cfg = dict(SIZES[args.size])
     if args.num_experts:
@@ -736,7 +765,8 @@ def main(argv=None) -> int:
     if "distill" in stages and "mtt" in methods:
         stage_distill(out, ds, cfg, ipcs, device, args.iterations, parse_overrides(args.mtt), log, args.progress)
     if "baselines" in stages and any(m != "mtt" for m in methods):
-        stage_baselines(out, ds, cfg, ipcs, methods, device, args.budget, log, args.progress)
+        stage_baselines(out, ds, cfg, ipcs, methods, device, args.budget, log, args.progress,
+                        fixed_iterations)
     if "evaluate" in stages:
         run_evals("evaluate", out, ds, cfg, [(m, i, "convnet") for i in ipcs for m in methods], device,
                   args.eval_epochs, args.num_nets, log)

@@ -211,3 +211,26 @@ def test_family_table_from_the_run_reuses_its_data_experts_and_mtt_set(first, tm
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "family_table.py"), "--from-run", str(tmp_path),
                           "--out", str(tmp_path / "x")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "is missing" in bad.stderr
+
+
+def test_baseline_iterations_fix_the_count_without_budget_or_calibration(tmp_path):
+    """``--baseline-iterations dm=3``: DM runs exactly 3 iterations with no MTT run to take a budget from."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, str(SCRIPT), "--size", "tiny", "--out", str(tmp_path), "--threads", "1",
+            "--stages", "baselines", "--methods", "dm", "--ipc", "1"]
+    r = subprocess.run([*base, "--baseline-iterations", "dm=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "sets" / "dm-ipc1.json").read_text())
+    assert rec["config"]["iterations"] == 3 and rec["iterations_fixed"] is True
+    assert "budget_seconds" not in rec and "calibration" not in rec
+    assert "3 it (fixed)" in (tmp_path / "results.md").read_text()
+    # without it the budgeted method asks for MTT's run; a malformed count is refused before anything runs
+    (tmp_path / "sets" / "dm-ipc1.json").unlink()
+    r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "needs MTT's wall-clock budget" in r.stderr + r.stdout
+    for bad in ("dm=0", "dm=x", "mtt=3", "dm"):
+        r = subprocess.run([*base, "--out", str(tmp_path / "bad"), "--baseline-iterations", bad], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "--baseline-iterations" in r.stderr, (bad, r.stderr[-500:])
+        assert not (tmp_path / "bad").exists(), bad
