@@ -305,13 +305,18 @@ def draw_live(M, N, alpha, t):
     draw_breakdown(matching_breakdown(spec, thN, traj[t], traj[t + M]), f"L = {c[M][-1]:.4f}  (t = {t}, M = {M}, N = {N})")
 
 
+M_slider = widgets.IntSlider(value=expert_epochs, min=1, max=E, description="M (expert_epochs)", style={"description_width": "initial"},
+                             continuous_update=False)
+t_slider = widgets.IntSlider(value=start_epoch, min=0, max=E - expert_epochs, description="t", continuous_update=False)
+# the target θ*_{t+M} must be in the buffer: t only goes up to E − M (a larger M pulls t back, and redraws)
+M_slider.observe(lambda change: setattr(t_slider, "max", E - change["new"]), names="value")
 panel = live(  # the controls, a note and the redrawn figure (tests/test_notebooks.py drives them)
     draw_live,
-    M=widgets.IntSlider(value=expert_epochs, min=1, max=E, description="M (expert_epochs)", style={"description_width": "initial"}, continuous_update=False),
+    M=M_slider,
     N=widgets.IntSlider(value=syn_steps, min=1, max=max(80, syn_steps), description="N (syn_steps)", style={"description_width": "initial"},
                         continuous_update=False),
     alpha=widgets.FloatLogSlider(value=syn_lr, base=10, min=-4, max=0, description="α", continuous_update=False),
-    t=widgets.IntSlider(value=start_epoch, min=0, max=E - 1, description="t", continuous_update=False),
+    t=t_slider,
 )
 display(panel)
 

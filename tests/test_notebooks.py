@@ -291,12 +291,25 @@ def test_02_unrolled_student(kernel, buffer_root, tmp_path):
 
 def test_03_matching_loss(kernel, buffer_root, tmp_path):
     widget = tmp_path / "widget.json"  # the N slider (control 1) from 10 to 5: the curves and the breakdown
+    widget_m = tmp_path / "widget_m.json"  # then M (control 0) to E, the whole buffer: t must come back to 0
+    then_m = f"""
+_shown_m = []
+_go.Figure.show = lambda self, *a, **k: _shown_m.append(self.layout.title.text or "")
+try:
+    panel.children[0].children[0].value = E
+finally:
+    _go.Figure.show = _show
+_Path({str(widget_m)!r}).write_text(_json.dumps({{"E": E, "t": t_slider.value, "t_max": t_slider.max, "shown": _shown_m}}))
+"""
     r = execute("03_matching_loss", tmp_path, kernel, buffer_root, start_epoch=1, syn_steps=10,
-                extra=drive("panel", 1, 5, widget))
+                extra=drive("panel", 1, 5, widget) + then_m)
     w = json.loads(widget.read_text())
     assert (w["before"], w["after"]) == ("10", "5")
     titles = [f["title"] for f in w["shown"]]
     assert len(titles) == 2 and "(t = 1, M = 2, N = 5)" in titles[1], titles
+    wm = json.loads(widget_m.read_text())
+    assert wm["t"] == wm["t_max"] == 0 and wm["E"] > 2, wm  # t + M stays inside the buffer
+    assert wm["shown"] and f"(t = 0, M = {wm['E']}, N = 5)" in wm["shown"][-1], wm["shown"]
     assert r["hand_vs_library"] < 1e-6
     assert r["contribution_sum"] == pytest.approx(r["L"], rel=1e-4)
     assert len(r["layers"]) == 14
