@@ -58,9 +58,15 @@ NB_DIR = ROOT / "notebooks"
 TOKEN = "mttlite-browser-pass"
 
 # Everything below is read from the DOM of JupyterLab 4 (class names of @jupyterlab/cells and ipywidgets 8).
+# The open notebook: the one panel not hidden behind another tab. Every JS snippet below takes it as its argument.
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+# The kernel's state as the notebook's toolbar shows it ('idle', 'busy', ...; null before the panel exists).
+KERNEL_STATUS_JS = """panel => { const k = document.querySelector(panel + ' .jp-Notebook-ExecutionIndicator');
+    return k ? k.getAttribute('data-status') : null; }"""
+
 FINDINGS_JS = r"""
-() => {
-  const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');
+panel => {
+  const nb = document.querySelector(panel + ' .jp-Notebook');
   const out = {cells: 0, code_cells: 0, unexecuted: [], errors: [], figures: 0, empty_figures: [],
                max_figures_in_one_cell: 0, figure_tex: [], untypeset_math: [], math: 0,
                widgets: 0, widget_errors: [], truncated_labels: []};
@@ -111,8 +117,8 @@ FINDINGS_JS = r"""
 
 # A fingerprint of everything the outputs show: figure text, path geometry, images and plain text.
 SIGNATURE_JS = r"""
-() => {
-  const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');
+panel => {
+  const nb = document.querySelector(panel + ' .jp-Notebook');
   if (!nb) return '';
   const parts = [];
   nb.querySelectorAll('.jp-Cell-outputArea').forEach(o => {
@@ -131,8 +137,8 @@ SIGNATURE_JS = r"""
 
 # Per cell, the titles of the figures the page shows in the cell's own outputs (not inside widgets).
 SHOWN_TITLES_JS = r"""
-() => {
-  const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');
+panel => {
+  const nb = document.querySelector(panel + ' .jp-Notebook');
   return [...nb.querySelectorAll(':scope .jp-Cell')].map(c => [...c.querySelectorAll('.js-plotly-plot')]
     .filter(f => !f.closest('.jupyter-widgets'))
     .map(f => { const t = f.querySelector('.gtitle'); return t ? t.textContent : ''; }));
@@ -141,8 +147,8 @@ SHOWN_TITLES_JS = r"""
 
 # The controls to touch, as (cell index, kind, index of that kind in the cell, label, waits for a button).
 CONTROLS_JS = r"""
-() => {
-  const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');
+panel => {
+  const nb = document.querySelector(panel + ' .jp-Notebook');
   const found = [];
   [...nb.querySelectorAll(':scope .jp-Cell')].forEach((c, i) => {
     const label = el => ((el.closest('.widget-inline-hbox, .widget-hbox, .jupyter-widgets') || el)
@@ -198,14 +204,12 @@ def start_lab(root_dir: Path, settings: Path, env: dict, port: int, log_path: Pa
 
 
 def running(page) -> bool:
-    return page.evaluate("""() => [...document.querySelectorAll(
-        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt')].some(p => p.textContent.includes('*'))""")
+    return page.evaluate("""panel => [...document.querySelectorAll(panel + ' .jp-InputPrompt')]
+        .some(p => p.textContent.includes('*'))""", PANEL)
 
 
 def kernel_busy(page) -> bool:
-    return page.evaluate("""() => { const k = document.querySelector(
-        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
-        return k ? k.getAttribute('data-status') === 'busy' : false; }""")
+    return page.evaluate(KERNEL_STATUS_JS, PANEL) == "busy"
 
 
 def wait_done(page, timeout: float) -> bool:
@@ -226,12 +230,12 @@ def menu(page, top: str, item: str) -> None:
 
 def cells(page):
     """The open notebook's cells, in the order the JS snippets above number them."""
-    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+    return page.locator(f"{PANEL} .jp-Notebook .jp-Cell")
 
 
 def touch(page, cell: int, kind: str, k: int, wait: float) -> tuple[bool, float]:
     """Operate one control; return (did the outputs change, seconds until they did)."""
-    before = page.evaluate(SIGNATURE_JS)
+    before = page.evaluate(SIGNATURE_JS, PANEL)
     c = cells(page).nth(cell)
     if kind == "slider":
         h = c.locator(".widget-slider .noUi-handle").nth(k)
@@ -254,7 +258,7 @@ def touch(page, cell: int, kind: str, k: int, wait: float) -> tuple[bool, float]
     t0 = time.time()
     while time.time() - t0 < wait:
         page.wait_for_timeout(500)
-        if page.evaluate(SIGNATURE_JS) != before and not kernel_busy(page):
+        if page.evaluate(SIGNATURE_JS, PANEL) != before and not kernel_busy(page):
             page.wait_for_timeout(500)
             return True, time.time() - t0
     return False, time.time() - t0
@@ -339,7 +343,7 @@ def stale_figures(page, path: Path) -> list[str]:
     """Cells whose figures on the page are not the figures the notebook holds: an output updated in the
     notebook (``display_id`` + ``update``, say) that the page never redrew. Saves the notebook to compare."""
     before = path.stat().st_mtime_ns
-    save = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) [data-command="docmanager:save"]')
+    save = page.locator(f'{PANEL} [data-command="docmanager:save"]')
     if save.count():
         save.first.click()
     else:
@@ -351,7 +355,7 @@ def stale_figures(page, path: Path) -> list[str]:
     else:
         return ["could not save the notebook to compare its figures with the page"]
     page.wait_for_timeout(500)
-    shown = page.evaluate(SHOWN_TITLES_JS)
+    shown = page.evaluate(SHOWN_TITLES_JS, PANEL)
     found = []
     for i, (held, seen) in enumerate(zip(saved_titles(path), shown)):
         if [_plain(t) for t in held] != [_plain(t) for t in seen]:
@@ -363,17 +367,14 @@ def check_notebook(page, url: str, name: str, out: Path, run_timeout: float, wai
                    path: Path | None = None) -> dict:
     page.goto(f"{url}/lab/tree/{name}.ipynb?token={TOKEN}")
     page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-    page.wait_for_function("""() => { const k = document.querySelector(
-        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
-        return k && k.getAttribute('data-status') === 'idle'; }""", timeout=120_000)
+    page.wait_for_function(f"panel => ({KERNEL_STATUS_JS})(panel) === 'idle'", arg=PANEL, timeout=120_000)
     dialogs = dismiss_dialogs(page, 2000)  # e.g. a kernel chooser: answered with its default, and reported
     t0 = time.time()
     for _ in range(5):  # the menu item does nothing until the kernel is connected: click until cells start
         menu(page, "Run", "Run All Cells")
         try:
-            page.wait_for_function("""() => [...document.querySelectorAll(
-                '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt')].some(p => /\\[[*0-9]/.test(p.textContent))""",
-                                   timeout=15_000)
+            page.wait_for_function("""panel => [...document.querySelectorAll(panel + ' .jp-InputPrompt')]
+                .some(p => /\\[[*0-9]/.test(p.textContent))""", arg=PANEL, timeout=15_000)
             break
         except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the menu again
             page.keyboard.press("Escape")
@@ -381,12 +382,12 @@ def check_notebook(page, url: str, name: str, out: Path, run_timeout: float, wai
     finished = wait_done(page, run_timeout)
     seconds = time.time() - t0
     page.wait_for_timeout(3000)  # MathJax and plotly finish asynchronously
-    f = page.evaluate(FINDINGS_JS)
+    f = page.evaluate(FINDINGS_JS, PANEL)
     f["finished"], f["run_seconds"], f["dialogs"] = finished, round(seconds, 1), dialogs
     f["stale_figures"] = stale_figures(page, path) if finished and path is not None else []
     controls = []
     if finished:
-        for cell, kind, k, label, manual in page.evaluate(CONTROLS_JS):
+        for cell, kind, k, label, manual in page.evaluate(CONTROLS_JS, PANEL):
             changed, s = touch(page, cell, kind, k, 3.0 if manual else wait)
             controls.append({"cell": cell, "kind": kind, "label": label[:60], "changed": changed, "seconds": round(s, 1),
                              "waits_for_button": manual})
