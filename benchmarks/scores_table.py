@@ -35,14 +35,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: Named tables: (name, set path, data set). "embedded": benchmarks/baselines_table.py's sets (seed 0);
-#: "fmnist-cpu": benchmarks/reproduce_fmnist.py --size cpu --out runs/fmnist/cpu2.
+#: "fmnist-cpu": IPC 1 from benchmarks/reproduce_fmnist.py --size cpu --out runs/fmnist/cpu2; IPC 10 from its
+#: rebuild on CPU (docs/results.md): reproduce_fmnist.py --size cpu --ipc 10 --methods mtt random dm
+#: --stages experts distill baselines --baseline-iterations dm=464 --out runs/fmnist/cpu3.
 TABLES: dict[str, list[tuple[str, str, str]]] = {
     "embedded": [(f"{m}-ipc{i}", f"runs/bench/baselines/sets/{m}-ipc{i}-s0.safetensors", "fashion-mnist-mini")
                  for i in (1, 10) for m in ("mtt", "dm", "random")],
     "fmnist-cpu": [(f"{m}-ipc{i}", p, "fashion-mnist")
-                   for i in (1, 10) for m, p in (("mtt", f"runs/fmnist/cpu2/mtt-ipc{i}/synset.safetensors"),
-                                                 ("dm", f"runs/fmnist/cpu2/sets/dm-ipc{i}.safetensors"),
-                                                 ("random", f"runs/fmnist/cpu2/sets/random-ipc{i}.safetensors"))],
+                   for i, run in ((1, "cpu2"), (10, "cpu3"))
+                   for m, p in (("mtt", f"runs/fmnist/{run}/mtt-ipc{i}/synset.safetensors"),
+                                ("dm", f"runs/fmnist/{run}/sets/dm-ipc{i}.safetensors"),
+                                ("random", f"runs/fmnist/{run}/sets/random-ipc{i}.safetensors"))],
 }
 
 
