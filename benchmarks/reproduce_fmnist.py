@@ -647,7 +647,8 @@ def write_results(out: Path, args, cfg: dict, data_info: dict, log: StageLog, me
            "DC, DSA and DM got MTT's seconds at the same IPC as their budget: a calibration run of "
            f"{cfg['calibration_iterations']} iteration(s) (repeated with more iterations if it took under 1 % of the "
            "budget) measured their seconds per iteration, and the iteration count was set to fill the budget "
-           "(calibration time not counted in the build column).", ""]
+           "(calibration time not counted in the build column); a row marked \"(fixed)\" ran the iteration count "
+           "given by --baseline-iterations instead, with no budget.", ""]
     if experts:
         accs = experts["expert_test_acc_final"]
         md += [f"Experts: {experts['num_experts']} ConvNet-3 (width {experts['width']}) × {experts['train_epochs']} "

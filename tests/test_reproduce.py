@@ -224,7 +224,8 @@ def test_baseline_iterations_fix_the_count_without_budget_or_calibration(tmp_pat
     rec = json.loads((tmp_path / "sets" / "dm-ipc1.json").read_text())
     assert rec["config"]["iterations"] == 3 and rec["iterations_fixed"] is True
     assert "budget_seconds" not in rec and "calibration" not in rec
-    assert "3 it (fixed)" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "3 it (fixed)" in md and 'marked "(fixed)"' in md
     # without it the budgeted method asks for MTT's run; a malformed count is refused before anything runs
     (tmp_path / "sets" / "dm-ipc1.json").unlink()
     r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
