@@ -424,6 +424,9 @@ def stage_baselines(out: Path, ds: Dataset, cfg: dict, ipcs, methods, device, bu
                 got = {k: v for k, v in rec["options"].items() if k != "iterations"}
                 if got != want:
                     raise SystemExit(f"{set_path} was built with {got}, this size asks {want}: use another --out")
+                if m in fixed_iterations and rec["options"].get("iterations") != fixed_iterations[m]:
+                    raise SystemExit(f"{set_path} was built with {rec['options'].get('iterations')} iterations, "
+                                     f"--baseline-iterations asks {fixed_iterations[m]}: use another --out")
                 seconds += rec["seconds"] + rec.get("calibration", {}).get("seconds", 0.0)
                 continue
             t0 = time.perf_counter()

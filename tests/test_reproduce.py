@@ -226,6 +226,10 @@ def test_baseline_iterations_fix_the_count_without_budget_or_calibration(tmp_pat
     assert "budget_seconds" not in rec and "calibration" not in rec
     md = (tmp_path / "results.md").read_text()
     assert "3 it (fixed)" in md and 'marked "(fixed)"' in md
+    # the same folder with another count: refused, not silently reused
+    r = subprocess.run([*base, "--baseline-iterations", "dm=4"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "built with 3 iterations" in r.stderr, r.stderr[-500:]
     # without it the budgeted method asks for MTT's run; a malformed count is refused before anything runs
     (tmp_path / "sets" / "dm-ipc1.json").unlink()
     r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
