@@ -434,8 +434,9 @@ def stage_baselines(out: Path, ds: Dataset, cfg: dict, ipcs, methods, device, bu
             if m != "random":
                 opts["width"] = width  # DC/DSA/DM's networks and herding's embedding: the experts' ConvNet width
             rec: dict = {"method": m, "ipc": ipc}
-            if m in BUDGETED and m in fixed_iterations:
+            if m in BUDGETED:
                 opts.update(cfg["baselines"].get(m, {}))
+            if m in BUDGETED and m in fixed_iterations:
                 opts["iterations"] = fixed_iterations[m]
                 rec["iterations_fixed"] = True
                 print(f"[baselines] {m} IPC {ipc}: {opts['iterations']} iterations (fixed by --baseline-iterations, "
@@ -445,7 +446,6 @@ def stage_baselines(out: Path, ds: Dataset, cfg: dict, ipcs, methods, device, bu
                 if budget is None:
                     raise SystemExit(f"[baselines] {m} at IPC {ipc} needs MTT's wall-clock budget: run the distill "
                                      f"stage first (it writes {out / f'mtt-ipc{ipc}' / 'distill.json'}), or pass --budget")
-                opts.update(cfg["baselines"].get(m, {}))
                 # calibration: k iterations; if they took under 1 % of the budget, once more with enough
                 # iterations to fill that 1 % (a steadier measurement of fast methods, e.g. DM)
                 k, cal_seconds = cfg["calibration_iterations"], 0.0
