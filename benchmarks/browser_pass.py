@@ -49,10 +49,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import hardware  # noqa: E402
 from notebook_times import notebooks  # noqa: E402
+
+from mttlite.buffers import write_json_atomic  # noqa: E402
+from mttlite.io import atomic_write  # noqa: E402
 
 NB_DIR = ROOT / "notebooks"
 TOKEN = "mttlite-browser-pass"
@@ -189,8 +193,8 @@ def start_lab(root_dir: Path, settings: Path, env: dict, port: int, log_path: Pa
            f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={settings / 'workspaces'}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # containers and CI machines run as root
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "w") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(120):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", timeout=2)
@@ -476,9 +480,9 @@ def main(argv=None) -> int:
     md = ["# Browser pass", "", f"Command: `{command}`", "",
           f"Hardware: {hardware()}; JupyterLab in headless Chromium ({a.chromium}); profile `{a.profile}`, "
           f"kernel with {a.threads} torch thread(s). Screenshots: `{out}/<notebook>/cellNN.png`.", "", table(rows), ""]
-    (out / "browser_pass.md").write_text("\n".join(md))
-    (out / "browser_pass.json").write_text(json.dumps({"command": command, "hardware": hardware(),
-                                                       "profile": a.profile, "notebooks": rows}, indent=1))
+    atomic_write(out / "browser_pass.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+    write_json_atomic(out / "browser_pass.json", {"command": command, "hardware": hardware(), "profile": a.profile,
+                                                  "notebooks": rows})
     print("\n".join(md))
     return 1 if any(f["problems"] for f in rows.values()) else 0
 
