@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mttlite.augment import DSA_STRATEGY  # noqa: E402
+from mttlite.fused import FusedStep  # noqa: E402
 from mttlite.kernels import StepKernels  # noqa: E402
 from mttlite.layers import torch_layers  # noqa: E402
 from mttlite.meta_gradient import meta_gradient  # noqa: E402
@@ -81,8 +82,11 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
                device="cpu", strategy=DSA_STRATEGY, seed=0, precision="fp32") -> dict:
     """Median seconds of ``iters`` outer iterations (after one warm-up) and peak memory.
 
-    ``mode``: "unroll" or "exact", optionally "+compile" (``StepKernels``, torch.compile); the
-    warm-up iteration then includes compiling and is reported as ``first_iter_s``.
+    ``mode``: "unroll" or "exact", then options joined by "+": "compile" (``StepKernels``, the eager
+    step's torch.compile), "fused" (``mttlite.fused.FusedStep``: one compiled graph per step, on CUDA the
+    N steps as one CUDA graph); with either the warm-up iteration includes compiling and is reported as
+    ``first_iter_s``. On CUDA also "notf32" (TF32 off for convolutions and matrix products: full fp32, a
+    stand-in for a GPU without TF32 such as a T4) and "cudnnbench" (``torch.backends.cudnn.benchmark``).
     "reference": the straightforward implementation that issue 4 compares with, measured on the same
     machine in the same run: the naive unroll, eager, with torch's own instance norm and pooling
     layers (``mttlite.layers.torch_layers``) and glibc's default allocator.
@@ -96,14 +100,22 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
         keep_freed_memory()
     torch.manual_seed(seed)
     dev = torch.device(device)
-    grad_mode, _, option = mode.partition("+")
-    if option not in ("", "compile"):
-        raise ValueError(f"unknown mode option {option!r} in {mode!r}; use e.g. 'exact+compile'")
+    grad_mode, *options = mode.split("+")
+    bad = set(options) - {"compile", "fused", "notf32", "cudnnbench"}
+    if bad or {"compile", "fused"} <= set(options):
+        raise ValueError(f"unknown or clashing mode options {sorted(bad) or options} in {mode!r}; use e.g. 'exact+fused'")
+    if dev.type == "cuda":
+        tf32 = "notf32" not in options
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default for matrix products
+        torch.backends.cudnn.allow_tf32 = tf32  # PyTorch's default: True for convolutions
+        torch.backends.cudnn.benchmark = "cudnnbench" in options
     net = get_network("convnet", channel, num_classes, (im, im), width=width).to(dev)
     if reference:
         net = torch_layers(net)
     spec = ParamSpec.from_module(net)
-    kernels = StepKernels(net, spec, precision=precision) if option == "compile" else None
+    kernels = StepKernels(net, spec, precision=precision) if "compile" in options else None
+    fused = (FusedStep(net, spec, batch=ipc * num_classes, im_size=(im, im), dsa_strategy=strategy, precision=precision,
+                       device=dev) if "fused" in options else None)
     g = torch.Generator().manual_seed(seed)
     n = ipc * num_classes
     x = torch.randn(n, channel, im, im, generator=g).to(dev)
@@ -120,8 +132,12 @@ def one_config(mode: str, syn_steps: int, channel=1, im=28, ipc=10, num_classes=
     for i in range(iters + 1):
         plan = make_plan(n, syn_steps, None, g)
         t0 = time.perf_counter()
-        mg = meta_gradient(grad_mode, net, spec, theta, target, x, y, alpha, plan, strategy, kernels=kernels,
-                           precision=precision, loss_scale=2.0 ** 8 if precision == "fp16" else None)
+        scale = 2.0 ** 8 if precision == "fp16" else None
+        if fused is not None:
+            mg = fused.meta_gradient(grad_mode, theta, target, x, y, alpha, plan, loss_scale=scale)
+        else:
+            mg = meta_gradient(grad_mode, net, spec, theta, target, x, y, alpha, plan, strategy, kernels=kernels,
+                               precision=precision, loss_scale=scale)
         mg.images.sum().item()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -182,3 +198,40 @@ def save(rows: list[dict], name: str) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=2))
     return path
+
+
+class _TwoSnapshots:
+    """An expert source with one expert and two epochs, θ and θ + 0.01·noise: something to match."""
+
+    def __init__(self, theta: torch.Tensor, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.snaps = [theta, theta + 0.01 * torch.randn(theta.shape, generator=g)]
+        self.epochs = [0, 1]
+
+    def __len__(self):
+        return 1
+
+    def flat(self, expert, epoch, device="cpu", dtype=None):
+        return self.snaps[epoch].to(device)
+
+
+def synthetic_distiller(step: str, gradient: str, syn_steps: int, width=32, ipc=1, channel=1, im=28, num_classes=10,
+                        device="cpu", precision="fp32", batch_syn=None, seed=0):
+    """A ``Distiller`` on random images of the right shape (speed and operation counts do not depend on
+    pixel values): ConvNet-3, DSA, the given student ``step`` ("eager" / "fused") and ``gradient`` mode."""
+    from types import SimpleNamespace
+
+    from mttlite.distill import DistillConfig, Distiller
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = get_network("convnet", channel, num_classes, (im, im), width=width)
+    spec = ParamSpec.from_module(net)
+    labels = torch.arange(num_classes).repeat_interleave(max(ipc, 2))
+    ds = SimpleNamespace(name="synthetic", train_images=torch.randn(len(labels), channel, im, im, generator=g),
+                         train_labels=labels, num_classes=num_classes, channel=channel, im_size=(im, im), zca=None)
+    experts = _TwoSnapshots(spec.flatten(dict(net.named_parameters())).detach(), seed)
+    cfg = DistillConfig(dataset="synthetic", ipc=ipc, syn_steps=syn_steps, expert_epochs=1, max_start_epoch=1,
+                        iterations=1000, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01, batch_syn=batch_syn,
+                        dsa_strategy=DSA_STRATEGY, gradient=gradient, precision=precision, step=step, seed=seed)
+    return Distiller(cfg, ds, net, experts, device=device)

@@ -4,21 +4,29 @@
     python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/gpu_check      # toy size (CI: never rots)
 
 Sections, in this order, each in its own process with its own time limit (a section that fails or
-runs out of time is reported as such and the next one still runs):
+runs out of time is reported as such, its whole process group is killed so nothing of it keeps the
+GPU busy, and the next one still runs):
 
-  env      the device, torch, CUDA and cuDNN versions
-  speed    benchmarks/iteration_speed.py: reference / unroll / exact, 1x28x28, IPC 10, width 128, N = 10, the
-           student in fp32 / bf16 / fp16 (issue 16's GPU table; "fp32" convolutions run in TF32 where cuDNN
-           allows it, which the env section prints)
+  env      the device, torch, CUDA and cuDNN versions, TF32 and cudnn.benchmark defaults
+  speed    benchmarks/iteration_speed.py, in one process: reference / unroll / exact and the fused step
+           (exact+fused: each student step one compiled graph, the N steps replayed as a CUDA graph),
+           1x28x28, IPC 10, width 128, N = 10; exact and exact+fused in bf16 too; exact+fused with TF32 off
+           (full fp32: a stand-in for a GPU without TF32 such as a T4) and with cudnn.benchmark on
+  launches benchmarks/op_count.py: operations, GPU kernels, host launch calls and host / GPU milliseconds per
+           student step, eager vs fused, IPC 1 at width 128, and seconds per iteration at N = 50
   fmnist   the full Fashion-MNIST (a 500-per-class validation split held out first): experts, MTT at
-           IPC 1 and 10 (time-capped iterations, stated in the table), evaluation of the distilled sets
+           IPC 1 and 10 with the library's defaults (exact gradient, step "auto": fused on CUDA; time-capped
+           iterations, stated in the table), a profile of one iteration, evaluation of the distilled sets
            and of random real images of the same size (ConvNet-3 at the experts' width, final-epoch
            accuracy, mean ± std over fresh networks, full test set, validation column); it also trains
            the width-64 buffer that benchmarks/reproduce_fmnist.py --size cpu reads
   memory   benchmarks/memory_vs_steps.py: N = 10 … 80 at 3x32x32, IPC 10, width 128, both modes
   experts  benchmarks/experts_throughput.py: K = 1, 4, 16 experts, vmap vs one at a time
-  suite    the test suite on the device (MTTLITE_TEST_DEVICE=<device>), notebooks and the quality test left out
+  suite    the device-agnostic tests on the device (MTTLITE_TEST_DEVICE=<device>; augmentation, baselines,
+           device stages, evaluation, experts, layers, networks, ZCA; the slow ones left out), which fit
+           its limit (281 of them took 31 s on an H200)
 
+The whole check is sized to about 7 minutes on one GPU (the section limits below, plus start-up).
 Everything lands in --out: gpu_check.md (every table, with the hardware), one <section>.log each,
 and fmnist/ (buffers, distilled sets, results.json). The Fashion-MNIST files are read from
 data/FashionMNIST/raw/ (or Debian's dataset-fashion-mnist); copy the four .gz files there to carry
@@ -41,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 # (name, seconds allowed at full size) in the order they run; fmnist keeps to its own clock as well.
-SECTIONS = [("env", 10), ("speed", 70), ("fmnist", 205), ("memory", 50), ("experts", 35), ("suite", 30)]
+SECTIONS = [("env", 15), ("speed", 95), ("launches", 55), ("fmnist", 150), ("memory", 30), ("experts", 20),
+            ("suite", 55)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +147,9 @@ def fmnist_worker(out: Path, device: str, tiny: bool, budget: float) -> dict:
     for ipc, share in ((1, 0.11), (10, 0.12)):
         t0 = time.perf_counter()
         cfg = preset(f"fashion-mnist-ipc{ipc}", dataset=z["dataset"], iterations=z["iterations"][ipc], syn_steps=z["syn_steps"][ipc],
-                     max_start_epoch=z["max_start"][ipc], checkpoint_every=100,
-                     gradient="unroll" if device.startswith("cuda") else "exact")  # the same gradient; memory is no object there
+                     max_start_epoch=z["max_start"][ipc], checkpoint_every=100)  # the defaults: exact, step "auto"
         d = make_distiller(cfg, buf, dataset=ds, device=device)
+        compile_s = d.warm_up()  # the fused step's compile (and CUDA-graph capture), timed apart
         stop = time.perf_counter() + share * budget
         while d.iteration < cfg.iterations and time.perf_counter() < stop:
             d.step()
@@ -152,11 +161,12 @@ def fmnist_worker(out: Path, device: str, tiny: bool, budget: float) -> dict:
         res["stages"][f"distill_ipc{ipc}"] = {
             "iterations": d.iteration, "seconds": round(secs, 1), "s_per_iter": round(secs / max(1, d.iteration), 4),
             "syn_steps": cfg.syn_steps, "expert_epochs": cfg.expert_epochs, "max_start_epoch": cfg.max_start_epoch,
-            "lr_img": cfg.lr_img, "lr_lr": cfg.lr_lr, "alpha": float(d.syn_lr.detach()), "gradient": cfg.gradient, "loss_first_10": d.history.loss[:10],
+            "lr_img": cfg.lr_img, "lr_lr": cfg.lr_lr, "alpha": float(d.syn_lr.detach()), "gradient": cfg.gradient,
+            "step": d.step_kind, "compile_s": round(compile_s, 1), "loss_first_10": d.history.loss[:10],
             "loss_last_10": d.history.loss[-10:]}
         print(f"distill ipc{ipc}:", res["stages"][f"distill_ipc{ipc}"], flush=True)
         save()
-        if ipc == 1:  # where one iteration's wall time goes (host vs device)
+        if ipc == 1:  # where one iteration's wall time goes (host vs device), with the defaults
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -164,6 +174,7 @@ def fmnist_worker(out: Path, device: str, tiny: bool, budget: float) -> dict:
                 d.step()
                 sync()
             key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+            print(f"profile of one IPC 1 iteration (step {d.step_kind}, N = {cfg.syn_steps}):", flush=True)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
             print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
 
@@ -262,9 +273,18 @@ def section_command(name: str, device: str, tiny: bool, out: Path, budget: float
                 "print('tf32 conv', torch.backends.cudnn.allow_tf32, '| tf32 matmul', torch.backends.cuda.matmul.allow_tf32)")
         return [py, "-c", code]
     if name == "speed":
-        extra = ["--iters", "1", "--steps", "2", "--width", "8", "--modes", "reference", "unroll", "exact"] if tiny \
-            else ["--iters", "3", "--steps", "10", "--modes", "reference", "unroll", "exact", "--precision", "fp32,bf16,fp16"]
+        if tiny:  # the test's shapes (tests/test_fused.py's operation budget): its compiled graphs are cached
+            extra = ["--iters", "1", "--steps", "2", "--width", "4", "--ipc", "1",
+                     "--modes", "reference", "unroll", "exact", "exact+fused"]
+        else:
+            extra = ["--iters", "3", "--steps", "10", "--precision", "fp32",
+                     "--modes", "reference", "unroll", "exact", "exact+fused", "exact@bf16", "exact+fused@bf16",
+                     "exact+fused+notf32", "exact+fused+cudnnbench"]
         return [py, str(BENCH / "iteration_speed.py"), "--device", device, *extra]
+    if name == "launches":
+        extra = ["--width", "4", "--steps", "1", "2", "--time-steps", "3"] if tiny \
+            else ["--width", "128", "--steps", "2", "4", "--time-steps", "50"]
+        return [py, str(BENCH / "op_count.py"), "--device", device, "--ipc", "1", "--modes", "exact", *extra]
     if name == "memory":
         extra = ["--steps", "2", "4", "--width", "8", "--ipc", "2", "--iters", "1"] if tiny \
             else ["--steps", "10", "40", "80", "--iters", "1"]
@@ -279,27 +299,47 @@ def section_command(name: str, device: str, tiny: bool, out: Path, budget: float
     if name == "suite":
         if tiny:
             return None  # the suite is what runs the tiny check; it does not run itself
-        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "--ignore", "tests/test_notebooks.py",
-                "--ignore", "tests/test_quality.py", "--ignore", "tests/test_gpu_check.py",
-                "--ignore", "tests/test_reproduce.py"]
+        files = [f"tests/test_{t}.py" for t in ("augment", "baselines", "device_stages", "evaluate", "experts", "layers",
+                                                  "networks", "zca", "fused")]
+        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files]
     raise ValueError(name)
 
 
 def run_section(name: str, cmd: list[str] | None, limit: float, out: Path, device: str) -> dict:
+    """Run one section in its own process group; past ``limit`` the whole group is killed (a worker left
+    running would hold the GPU during the next section). Returns its status and its whole log."""
     if cmd is None:
-        return {"name": name, "status": "skipped at --tiny", "seconds": 0.0, "tail": ""}
+        return {"name": name, "status": "skipped at --tiny", "seconds": 0.0, "log": ""}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "MTTLITE_TEST_DEVICE": device}
     log = out / f"{name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
+            rc = proc.wait(timeout=limit)
             status = "ok" if rc == 0 else f"exit {rc}"
         except subprocess.TimeoutExpired:
             status = f"stopped at its {limit:.0f} s limit"
+        finally:
+            kill_group(proc)
     secs = time.perf_counter() - t0
-    text = log.read_text(errors="replace")
-    return {"name": name, "status": status, "seconds": round(secs, 1), "tail": text[-6000:]}
+    return {"name": name, "status": status, "seconds": round(secs, 1), "log": log.read_text(errors="replace")}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (the section and every worker it started), then reap it."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def report_log(text: str) -> str:
+    """A section's log for the report: whole (tables intact), minus progress-bar redraws (lines with \\r)."""
+    return "\n".join(line for line in text.splitlines() if "\r" not in line).strip()
 
 
 def mirror(out: Path, dest: Path, section: str) -> None:
@@ -370,8 +410,7 @@ def main(argv=None) -> int:
         report += [f"## {name}: {r['status']}, {r['seconds']} s", ""]
         if name == "fmnist" and (out / "fmnist" / "results.json").exists():
             report += [fmnist_table(json.loads((out / "fmnist" / "results.json").read_text())), ""]
-        tail = "\n".join(line for line in r["tail"].splitlines() if "\r" not in line)[-3000:]
-        report += ["```", tail.strip(), "```", ""]
+        report += ["```", report_log(r["log"]), "```", ""]
         (out / "gpu_check.md").write_text("\n".join(report))
         if a.mirror:
             mirror(out, Path(a.mirror), name)

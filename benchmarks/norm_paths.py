@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     try:
         for mode in [m for m in a.modes.split(",") if m]:
             c = preset("demo", dataset=ds.name, ipc=a.ipc, syn_steps=a.syn_steps, expert_epochs=2,
-                       max_start_epoch=min(2, a.epochs - 2 + 1), iterations=10 ** 6, gradient=mode, precision="bf16",
+                       max_start_epoch=min(2, a.epochs - 2 + 1), iterations=10 ** 6, gradient=mode, precision="bf16", step="eager",
                        seed=0, dsa_strategy="color_crop_cutout_flip_scale_rotate")
             d = make_distiller(c, buffer, dataset=ds)
             d.step()  # warm-up

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .opcount import host
 from .texture import toroidal_crop
 
 __all__ = [
@@ -157,12 +158,29 @@ def _per_sample(v: Tensor, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------
 
 
+def draw_brightness(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> Tensor:
+    """b = (u - 0.5) * brightness, (B,) on the CPU in x's dtype.   Draws: u (B,)."""
+    return ((_uniform(gen, x, shared) - 0.5) * p.brightness).to(x.dtype)
+
+
 def rand_brightness(
     x: Tensor, gen: torch.Generator, p: DSAParams = DSAParams(), shared: bool = False
 ) -> Tensor:
     """x + b,  b = (u - 0.5) * brightness.   Draws: u (B,)."""
-    b = (_uniform(gen, x, shared) - 0.5) * p.brightness  # (B,)
+    with host():
+        b = draw_brightness(gen, x, p, shared)
     return x + _per_sample(b, x)
+
+
+def draw_saturation(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> Tensor:
+    """s = u * saturation, (B,) on the CPU in x's dtype.   Draws: u (B,)."""
+    return (_uniform(gen, x, shared) * p.saturation).to(x.dtype)
+
+
+def saturate(x: Tensor, s: Tensor) -> Tensor:
+    """(x - m) * s + m,  m = mean over channels (B, 1, H, W); s (B, 1, 1, 1) on x's device."""
+    m = x.mean(dim=1, keepdim=True)  # (B, 1, H, W): the "grey" image
+    return (x - m) * s + m
 
 
 def rand_saturation(
@@ -172,18 +190,59 @@ def rand_saturation(
 
     With a single channel m = x, so saturation is the identity on grey images.
     """
-    m = x.mean(dim=1, keepdim=True)  # (B, 1, H, W): the "grey" image
-    s = _uniform(gen, x, shared) * p.saturation  # (B,)
-    return (x - m) * _per_sample(s, x) + m
+    with host():
+        s = draw_saturation(gen, x, p, shared)
+    return saturate(x, _per_sample(s, x))
+
+
+def draw_contrast(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> Tensor:
+    """c = u + contrast, (B,) on the CPU in x's dtype.   Draws: u (B,)."""
+    return (_uniform(gen, x, shared) + p.contrast).to(x.dtype)
+
+
+def contrast(x: Tensor, c: Tensor) -> Tensor:
+    """(x - m) * c + m,  m = mean over (C, H, W) (B, 1, 1, 1); c (B, 1, 1, 1) on x's device."""
+    m = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return (x - m) * c + m
 
 
 def rand_contrast(
     x: Tensor, gen: torch.Generator, p: DSAParams = DSAParams(), shared: bool = False
 ) -> Tensor:
     """(x - m) * c + m,  m = mean over (C, H, W) (B, 1, 1, 1),  c = u + contrast.   Draws: u (B,)."""
-    m = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    c = _uniform(gen, x, shared) + p.contrast  # (B,)
-    return (x - m) * _per_sample(c, x) + m
+    with host():
+        c = draw_contrast(gen, x, p, shared)
+    return contrast(x, _per_sample(c, x))
+
+
+def crop_extent(size: tuple[int, int], p: DSAParams = DSAParams()) -> tuple[int, int]:
+    """(s_h, s_w): the largest crop shift, round(H * ratio_crop_pad) and round(W * ratio_crop_pad)."""
+    return int(size[0] * p.ratio_crop_pad + 0.5), int(size[1] * p.ratio_crop_pad + 0.5)
+
+
+def draw_crop(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> tuple[Tensor, Tensor]:
+    """(ty, tx): row and column shifts, (B,) int64 each on the CPU, ty ~ {-s_h..s_h}, tx ~ {-s_w..s_w}."""
+    s_h, s_w = crop_extent(tuple(x.shape[-2:]), p)
+    ty = _randint(gen, -s_h, s_h + 1, x, shared)  # (B,) row shift
+    tx = _randint(gen, -s_w, s_w + 1, x, shared)  # (B,) column shift
+    return ty, tx
+
+
+def shift(x: Tensor, ty: Tensor, tx: Tensor) -> Tensor:
+    """out[i, j] = x[i + ty, j + tx], 0 outside; ty, tx (B,) int64 on x's device (0, 0: x itself, exactly).
+
+    As in DSA: pad one zero pixel on each side, then read row clamp(i + ty + 1, 0, H + 1) and column
+    clamp(j + tx + 1, 0, W + 1) of the padded image, so every out-of-range index lands on the zero border.
+    """
+    B, C, H, W = x.shape
+    # (B, H) rows and (B, W) columns to read in the padded image
+    rows = (torch.arange(H, device=ty.device) + ty[:, None] + 1).clamp(0, H + 1)
+    cols = (torch.arange(W, device=tx.device) + tx[:, None] + 1).clamp(0, W + 1)
+    # one gather on the flattened padded image: index = row * (W + 2) + col, (B, 1, H*W)
+    idx = (rows[:, :, None] * (W + 2) + cols[:, None, :]).view(B, 1, H * W)
+    x_pad = F.pad(x, [1, 1, 1, 1]).reshape(B, C, (H + 2) * (W + 2))
+    out = x_pad.gather(2, idx.expand(B, C, H * W))  # (B, C, H*W)
+    return out.view(B, C, H, W)
 
 
 def rand_crop(
@@ -192,21 +251,44 @@ def rand_crop(
     """Translate by (ty, tx) pixels with zero fill: out[i, j] = x[i + ty, j + tx] (0 outside).
 
     s_h = round(H * ratio_crop_pad), ty ~ {-s_h..s_h};  likewise tx with W.   Draws: ty (B,), tx (B,).
-    As in DSA: pad one zero pixel on each side, then read row clamp(i + ty + 1, 0, H + 1) and column
-    clamp(j + tx + 1, 0, W + 1) of the padded image, so every out-of-range index lands on the zero border.
+    The index map is built on the CPU and moved once (``shift`` builds it on x's device).
     """
     B, C, H, W = x.shape
-    s_h, s_w = int(H * p.ratio_crop_pad + 0.5), int(W * p.ratio_crop_pad + 0.5)
-    ty = _randint(gen, -s_h, s_h + 1, x, shared)  # (B,) row shift
-    tx = _randint(gen, -s_w, s_w + 1, x, shared)  # (B,) column shift
-    # (B, H) rows and (B, W) columns to read in the padded image
-    rows = (torch.arange(H) + ty[:, None] + 1).clamp(0, H + 1)
-    cols = (torch.arange(W) + tx[:, None] + 1).clamp(0, W + 1)
-    # one gather on the flattened padded image: index = row * (W + 2) + col, (B, 1, H*W)
-    idx = (rows[:, :, None] * (W + 2) + cols[:, None, :]).view(B, 1, H * W)
+    with host():
+        ty, tx = draw_crop(gen, x, p, shared)
+        rows = (torch.arange(H) + ty[:, None] + 1).clamp(0, H + 1)
+        cols = (torch.arange(W) + tx[:, None] + 1).clamp(0, W + 1)
+        idx = (rows[:, :, None] * (W + 2) + cols[:, None, :]).view(B, 1, H * W)
     x_pad = F.pad(x, [1, 1, 1, 1]).reshape(B, C, (H + 2) * (W + 2))
     out = x_pad.gather(2, _to_device(idx, x).expand(B, C, H * W))  # (B, C, H*W)
     return out.view(B, C, H, W)
+
+
+def cutout_extent(size: tuple[int, int], p: DSAParams = DSAParams()) -> tuple[int, int]:
+    """(k_h, k_w): the cut rectangle's sides, round(H * ratio_cutout) and round(W * ratio_cutout)."""
+    return int(size[0] * p.ratio_cutout + 0.5), int(size[1] * p.ratio_cutout + 0.5)
+
+
+def draw_cutout(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> tuple[Tensor, Tensor]:
+    """(top, left): the cut rectangle's first row and column, (B,) int64 each on the CPU (may be < 0).
+
+    Centre row o_y ~ {0 .. H - 1 + (1 - k_h mod 2)}, top = o_y - k_h // 2; likewise columns.
+    Draws: o_y (B,), o_x (B,)."""
+    H, W = x.shape[-2:]
+    k_h, k_w = cutout_extent((H, W), p)
+    o_y = _randint(gen, 0, H + (1 - k_h % 2), x, shared)  # (B,) centre row
+    o_x = _randint(gen, 0, W + (1 - k_w % 2), x, shared)  # (B,) centre column
+    return o_y - k_h // 2, o_x - k_w // 2
+
+
+def cut_mask(top: Tensor, left: Tensor, size: tuple[int, int], extent: tuple[int, int]) -> Tensor:
+    """(B, H, W) bool, True inside the k_h x k_w rectangle at (top, left) clipped to the image; top,
+    left (B,) on any device (the mask is made there)."""
+    (H, W), (k_h, k_w) = size, extent
+    i, j = torch.arange(H, device=top.device), torch.arange(W, device=left.device)
+    in_rows = (i >= top[:, None]) & (i < top[:, None] + k_h)  # (B, H)
+    in_cols = (j >= left[:, None]) & (j < left[:, None] + k_w)  # (B, W)
+    return in_rows[:, :, None] & in_cols[:, None, :]  # (B, H, W), True = zeroed
 
 
 def rand_cutout(
@@ -220,39 +302,47 @@ def rand_cutout(
     (DSA writes the same mask with a clamped index scatter; clipping an interval is identical.)
     """
     H, W = x.shape[-2:]
-    k_h, k_w = int(H * p.ratio_cutout + 0.5), int(W * p.ratio_cutout + 0.5)
-    o_y = _randint(gen, 0, H + (1 - k_h % 2), x, shared)  # (B,) centre row
-    o_x = _randint(gen, 0, W + (1 - k_w % 2), x, shared)  # (B,) centre column
-    top, left = o_y - k_h // 2, o_x - k_w // 2  # (B,)
-    i, j = torch.arange(H), torch.arange(W)
-    in_rows = (i >= top[:, None]) & (i < top[:, None] + k_h)  # (B, H)
-    in_cols = (j >= left[:, None]) & (j < left[:, None] + k_w)  # (B, W)
-    cut = in_rows[:, :, None] & in_cols[:, None, :]  # (B, H, W), True = zeroed
-    keep = _to_device((~cut).to(x.dtype), x)  # (B, H, W)
+    with host():
+        top, left = draw_cutout(gen, x, p, shared)
+        cut = cut_mask(top, left, (H, W), cutout_extent((H, W), p))  # on the CPU
+        keep = (~cut).to(x.dtype)
+    keep = _to_device(keep, x)  # (B, H, W)
     return x * keep[:, None]
+
+
+def draw_flip(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> Tensor:
+    """Which samples are flipped, (B,) bool on the CPU.   Draws: u (B,); flipped where u < prob_flip."""
+    return _uniform(gen, x, shared) < p.prob_flip
 
 
 def rand_flip(
     x: Tensor, gen: torch.Generator, p: DSAParams = DSAParams(), shared: bool = False
 ) -> Tensor:
     """Horizontal flip of the samples with u < prob_flip.   Draws: u (B,)."""
-    flip = _uniform(gen, x, shared) < p.prob_flip  # (B,) bool
+    with host():
+        flip = draw_flip(gen, x, p, shared)  # (B,) bool
     return torch.where(_to_device(flip, x).view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def _warp(x: Tensor, theta: Tensor) -> Tensor:
+def warp(x: Tensor, theta: Tensor) -> Tensor:
     """out(u, v) = x(theta @ [u, v, 1]) in normalised coordinates ([-1, 1] = corner pixel centres).
 
-    theta: (B, 2, 3) on the CPU. Bilinear, zero outside, align_corners=True (as DSA).
+    theta: (B, 2, 3) on x's device, in x's dtype. Bilinear, zero outside, align_corners=True (as DSA).
     Linear in x: the grid depends on omega only.
     """
-    if x.numel() == 0:  # affine_grid rejects empty sizes; nothing to sample
-        return x.clone()
-    theta = _to_device(theta.to(x.dtype), x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)  # (B, H, W, 2)
     return F.grid_sample(
         x, grid, mode="bilinear", padding_mode="zeros", align_corners=True
     )
+
+
+def _warp(x: Tensor, theta: Tensor) -> Tensor:
+    """``warp`` with theta (B, 2, 3) on the CPU (moved to x's device and dtype)."""
+    if x.numel() == 0:  # affine_grid rejects empty sizes; nothing to sample
+        return x.clone()
+    with host():
+        theta = theta.to(x.dtype)
+    return warp(x, _to_device(theta, x))
 
 
 def _theta(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
@@ -263,6 +353,16 @@ def _theta(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     )
 
 
+def draw_scale(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> Tensor:
+    """theta = [[sx, 0, 0], [0, sy, 0]], (B, 2, 3) on the CPU in x's dtype; sx, sy ~ U[1/r, r].
+    Draws: sx (B,), sy (B,)."""
+    r = p.ratio_scale
+    sx = _uniform(gen, x, shared) * (r - 1.0 / r) + 1.0 / r  # (B,)
+    sy = _uniform(gen, x, shared) * (r - 1.0 / r) + 1.0 / r  # (B,)
+    zero = torch.zeros_like(sx)
+    return _theta(sx, zero, zero, sy).to(x.dtype)
+
+
 def rand_scale(
     x: Tensor, gen: torch.Generator, p: DSAParams = DSAParams(), shared: bool = False
 ) -> Tensor:
@@ -270,11 +370,18 @@ def rand_scale(
 
     theta = [[sx, 0, 0], [0, sy, 0]].   Draws: sx (B,), sy (B,).
     """
-    r = p.ratio_scale
-    sx = _uniform(gen, x, shared) * (r - 1.0 / r) + 1.0 / r  # (B,)
-    sy = _uniform(gen, x, shared) * (r - 1.0 / r) + 1.0 / r  # (B,)
-    zero = torch.zeros_like(sx)
-    return _warp(x, _theta(sx, zero, zero, sy))
+    with host():
+        theta = draw_scale(gen, x, p, shared)
+    return _warp(x, theta)
+
+
+def draw_rotate(gen: torch.Generator, x: Tensor, p: DSAParams = DSAParams(), shared: bool = False) -> Tensor:
+    """theta = [[cos phi, -sin phi, 0], [sin phi, cos phi, 0]], (B, 2, 3) on the CPU in x's dtype,
+    phi = (u - 0.5) * 2 * ratio_rotate degrees.   Draws: u (B,)."""
+    u = _uniform(gen, x, shared)  # (B,)
+    phi = (u - 0.5) * 2 * p.ratio_rotate / 180 * math.pi  # (B,) radians
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    return _theta(cos, -sin, sin, cos).to(x.dtype)
 
 
 def rand_rotate(
@@ -287,10 +394,9 @@ def rand_rotate(
     torchvision's rotate); for non-square images the normalised coordinates are
     anisotropic, as in the reference code.
     """
-    u = _uniform(gen, x, shared)  # (B,)
-    phi = (u - 0.5) * 2 * p.ratio_rotate / 180 * math.pi  # (B,) radians
-    cos, sin = torch.cos(phi), torch.sin(phi)
-    return _warp(x, _theta(cos, -sin, sin, cos))
+    with host():
+        theta = draw_rotate(gen, x, p, shared)
+    return _warp(x, theta)
 
 
 Op = Callable[[Tensor, torch.Generator, DSAParams, bool], Tensor]
@@ -366,11 +472,13 @@ def dsa(
     if not ops and params.texture_crop is None:
         return x
 
-    gen = torch.Generator("cpu").manual_seed(operator.index(seed))
+    with host():
+        gen = torch.Generator("cpu").manual_seed(operator.index(seed))
     if params.texture_crop is not None:  # texture: the canvas's toroidal crop comes first (contract, step 0)
         x = toroidal_crop(x, params.texture_crop, gen, shared)
     if mode == "S" and ops:
-        ops = (ops[int(torch.randint(0, len(ops), (1,), generator=gen))],)
+        with host():
+            ops = (ops[int(torch.randint(0, len(ops), (1,), generator=gen))],)
     for op in ops:
         for f in OPS[op]:
             x = f(x, gen, params, shared)

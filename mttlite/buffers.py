@@ -395,9 +395,16 @@ class ExpertBuffer:
                              f"expert's training diverged (lr_teacher too large?); {REGENERATE_HINT}")
 
     def flat(self, expert: int, epoch: int, device="cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-        """θ*_epoch as one vector of shape (P,), concatenated in ``param_names`` order."""
-        p = self.params(expert, epoch, device=device, dtype=dtype)
-        return torch.cat([p[n].reshape(-1) for n in self.param_names])
+        """θ*_epoch as one vector of shape (P,), concatenated in ``param_names`` order.
+
+        Concatenated on the host, then moved in ONE copy; to a GPU from page-locked memory, without
+        waiting for the device (not one blocking copy per parameter tensor)."""
+        p = self.params(expert, epoch)  # on the CPU
+        flat = torch.cat([p[n].reshape(-1) for n in self.param_names]).to(dtype)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return flat.pin_memory().to(dev, non_blocking=True)
+        return flat.to(dev)
 
     def metrics(self, expert: int) -> dict:
         """The expert's recorded metrics (JSON-decoded header values): ``train_acc``,

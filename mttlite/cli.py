@@ -39,6 +39,11 @@ SYMBOLS = {
     "gradient": "'exact' (adjoint: the paper's gradient, memory flat in N) or 'unroll' (naive, memory grows with N)",
     "compile": "torch.compile each student step (same gradient, elementwise work fused; compiling takes about a "
                "minute per batch shape; on CPU about as fast as eager, docs/performance.md)",
+    "step": "the student step: 'eager' (op by op), 'fused' (each step one compiled graph, DSA and the updates "
+            "inside; on CUDA the N steps replayed as one CUDA graph) or 'auto' (default): fused on CUDA; on a CPU "
+            "fused only when the time it is estimated to save over the run (iterations × N student steps, by a cost "
+            "model measured in docs/performance.md) exceeds the ~40 s it takes to compile on 2 cores, else eager. The two "
+            "compute the same gradient up to float rounding; the compile time is printed once",
     "alpha_param": "'linear' (paper; α may go negative and is then stopped) or 'log' (α = exp(a) > 0)",
     "seed": "random seed (same seed, same CPU result)",
     "checkpoint_every": "write a resumable checkpoint every this many iterations",

@@ -92,6 +92,7 @@ from tqdm.auto import tqdm
 from .augment import DSAParams, default_strategy, parse_strategy
 from .errors import Diverged, check_interrupt
 from .io import generator_state, load_tensors, save_tensors
+from .fused import STEP_CHOICES, FusedStep, choose_step, forward_gflop
 from .kernels import StepKernels
 from .matching import apply_mask
 from .meta_gradient import GRADIENT_MODES, meta_gradient
@@ -191,6 +192,10 @@ class DistillConfig:
     prune_rule: str | None = None
     # β in [0, 1): the fraction of the P parameters pruned; None: with "depth", PAD's ratio for ipc (pad_depth_ratio)
     prune_fraction: float | None = None
+    # the student step (mttlite.fused): "eager" (op by op), "fused" (one compiled graph per step; on CUDA the
+    # N steps replayed as a CUDA graph) or "auto" (fused on CUDA; on a CPU the one estimated faster for this
+    # run's length, compiling included: mttlite.fused.choose_step)
+    step: str = "auto"
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming every bad field."""
@@ -222,6 +227,13 @@ class DistillConfig:
             errs.append(f"gradient must be one of {GRADIENT_MODES}, got {self.gradient!r}")
         if not isinstance(self.compile, bool):
             errs.append(f"compile must be True or False, got {self.compile!r}")
+        if self.step not in STEP_CHOICES:
+            errs.append(f"step must be one of {STEP_CHOICES}, got {self.step!r}")
+        elif self.step == "fused" and self.compile is True:
+            errs.append("compile=True (torch.compile of the eager step) and step='fused' (the compiled fused step) "
+                        "exclude each other: use step='fused' alone")
+        elif self.step == "fused" and self.texture_canvas is not None:
+            errs.append("texture_canvas runs with step='eager' only (its canvases are cropped by eager DSA)")
         if self.alpha_param not in ALPHA_PARAMS:
             errs.append(f"alpha_param must be one of {ALPHA_PARAMS}, got {self.alpha_param!r}")
         if self.precision not in PRECISIONS:
@@ -479,11 +491,42 @@ class Distiller:
         # parameter pruning: m, (P,) bool on the device (None: off), and its pruned entries per parameter tensor
         self.prune_mask = self._prune_mask()
         self.prune_counts = None if self.prune_mask is None else mask_counts(self.spec, self.prune_mask)
+        # the student step (mttlite.fused): "auto" resolved once, from the configuration alone (deterministic)
+        steps = config.iterations * config.syn_steps * self.samples_per_iteration // self.world_size
+        gflop = forward_gflop(self.model, (self.images.shape[1], *self.dataset.im_size), config.batch_syn or n)
+        choice, self.step_reason = choose_step(config.step, self.device, steps, gflop,
+                                               texture=config.texture_canvas is not None, compile=config.compile)
+        self._use_step(choice)
         self.iteration = 0
         self.history = History()
         self._previous = None  # (state before the last update, its iteration, history length, changes)
 
     # -- set-up ------------------------------------------------------------------------------------
+    def _use_step(self, choice: str) -> None:
+        """Run the student with ``choice`` ("eager" or "fused"); the fused step compiles at the first iteration."""
+        self.step_kind = choice
+        self.fused = None
+        self.compile_seconds = 0.0
+        if choice == "fused":
+            self.fused = FusedStep(self.model, self.spec, batch=self.config.batch_syn or self.images.shape[0],
+                                   im_size=tuple(self.images.shape[-2:]), dsa_strategy=self.dsa_strategy,
+                                   dsa_params=self.dsa_params, precision=self.config.precision, device=self.device)
+
+    def warm_up(self) -> float:
+        """Compile the fused step for this run's shapes now (a no-op for the eager step, or when done): the
+        seconds it took, also in ``compile_seconds``. ``step`` calls it before its clock starts, so no
+        iteration's time includes compiling. Nothing of the run's state or random draws is touched."""
+        if self.fused is None or self.compile_seconds:
+            return 0.0
+        c = self.config
+        plan = make_plan(self.images.shape[0], c.syn_steps, c.batch_syn, torch.Generator().manual_seed(0))
+        y = self.targets.requires_grad_(True) if self.label_logits is not None else self.labels
+        theta = self.experts.flat(0, min(self.experts.epochs), device=self.device)
+        self.compile_seconds = self.fused.warm_up(
+            c.gradient, theta, self.images, y, self.syn_lr.detach(), plan, auto_steps=c.auto_steps,
+            loss_scale=None if self.loss_scaler is None else self.loss_scaler.scale, mask=self.prune_mask)
+        return self.compile_seconds
+
     def _prune_mask(self) -> Tensor | None:
         """m for ``prune_rule`` (``mttlite.pruning``), built once from the initial state; None when off.
 
@@ -653,6 +696,7 @@ class Distiller:
         With ``precision="fp16"`` a non-finite L or gradient first halves the loss scale and redoes the
         iteration from the same state and draws (``precision.LossScaler``); only at scale 1 is it judged.
         """
+        self.warm_up()  # the fused step's compile, once, outside the iteration's clock
         t0 = time.perf_counter()
         while True:
             info = self._attempt(t0)
@@ -685,12 +729,15 @@ class Distiller:
             theta_target = self.experts.flat(expert, start + c.expert_epochs, device=self.device)  # θ*_{t+M}
             den = apply_mask(theta_start - theta_target, self.prune_mask).pow(2).sum()  # ‖m ⊙ (θ*_t − θ*_{t+M})‖²
             still += (den == 0).to(still.dtype)
-            mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target, self.images, y, alpha,
-                               plan, self.dsa_strategy, self.dsa_params, kernels=self.kernels,
-                               auto_steps=c.auto_steps,
-                               precision=c.precision,
-                               loss_scale=None if self.loss_scaler is None else self.loss_scaler.scale,
-                               mask=self.prune_mask)
+            scale = None if self.loss_scaler is None else self.loss_scaler.scale
+            if self.fused is not None:
+                mg = self.fused.meta_gradient(c.gradient, theta_start, theta_target, self.images, y, alpha, plan,
+                                              auto_steps=c.auto_steps, loss_scale=scale, mask=self.prune_mask)
+            else:
+                mg = meta_gradient(c.gradient, self.model, self.spec, theta_start, theta_target, self.images, y, alpha,
+                                   plan, self.dsa_strategy, self.dsa_params, kernels=self.kernels,
+                                   auto_steps=c.auto_steps, precision=c.precision, loss_scale=scale,
+                                   mask=self.prune_mask)
             grad_x += mg.images
             if soft:
                 grad_y += mg.labels
@@ -920,6 +967,7 @@ class Distiller:
             meta["prune_counts"] = self.prune_counts
         if self.loss_scaler is not None:
             meta["loss_scaler"] = self.loss_scaler.state_dict()
+        meta["step"] = self.step_kind  # "auto" resolved: a resumed run keeps the same student step
         return save_tensors(path, self._tensors(), f"{CHECKPOINT_FORMAT}/1", meta)
 
     def load_checkpoint(self, path) -> None:
@@ -927,7 +975,7 @@ class Distiller:
                                      hint="start over with --restart (resume=False), which replaces it")
         saved = DistillConfig.from_dict(meta["config"])
         # The knobs a divergence message asks you to turn may change on resume; nothing else may.
-        ignore = {"iterations", "checkpoint_every", "lr_img", "lr_lr", "max_start_epoch", "lr_y"}
+        ignore = {"iterations", "checkpoint_every", "lr_img", "lr_lr", "max_start_epoch", "lr_y", "step"}
         diff = [f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs now {getattr(self.config, f.name)!r}"
                 for f in fields(DistillConfig) if f.name not in ignore and getattr(saved, f.name) != getattr(self.config, f.name)]
         if diff:
@@ -937,6 +985,9 @@ class Distiller:
             raise ValueError(f"cannot resume from {path}: images of shape {tuple(tensors['images'].shape)} "
                              f"but this run has {tuple(self.images.shape)}")
         self._load_tensors(tensors)
+        if self.config.step == "auto" and meta.get("step", self.step_kind) != self.step_kind:
+            self._use_step(meta["step"])  # the step this run started with (its arithmetic differs by rounding)
+            self.step_reason = "resumed with the checkpoint's step"
         self.iteration = int(meta["iteration"])
         self.history = History(**meta["history"])
         if self.loss_scaler is not None and "loss_scaler" in meta:
@@ -965,6 +1016,12 @@ def run(
         distiller.load_checkpoint(ckpt)
     if distiller.rank != 0:
         ckpt, progress = None, False
+    if progress and distiller.iteration < c.iterations:
+        print(f"student step: {distiller.step_kind} ({distiller.step_reason})", flush=True)
+        secs = distiller.warm_up()
+        if secs:
+            print(f"compiled the fused student step in {secs:.1f} s (once; not counted in any iteration's time)",
+                  flush=True)
     bar = tqdm(total=c.iterations, initial=distiller.iteration, disable=not progress, desc="distill", unit="it")
     try:
         while distiller.iteration < c.iterations:

@@ -14,8 +14,9 @@ are the same two linear maps::
 P is linear, so its backward is Pᵀ, whose backward is P again: two ``autograd.Function`` s that
 call each other are differentiable to any order. torch's own kernels compute the same numbers to
 rounding (``avg_pool2d`` and ``avg_pool2d_backward``) but are generic in window, stride and
-padding: on CPU they take 2–3.5× longer than the two strided additions and two stacks below, and
-pooling was an eighth of a distillation step's time (``docs/performance.md``).
+padding: on CPU they take 2–3.5× longer than the two strided halvings and the broadcast product
+below, and pooling was an eighth of a distillation step's time (``docs/performance.md``). P and Pᵀ are
+two operations and one, as few as torch's (``avg_pool2d_backward`` zero-fills first).
 
 **Instance norm** (``GroupNorm(C, C)``: statistics per sample and channel over the D = H·W
 pixels). Forward and backward are torch's fused kernels; the backward is itself an
@@ -45,16 +46,17 @@ from torch import Tensor, nn
 
 
 def _pool_sum(x: Tensor) -> Tensor:
-    """¼ × the sum of each 2×2 window: rows first (contiguous strides), then columns."""
-    rows = x[..., 0::2, :] + x[..., 1::2, :]  # (…, H/2, W)
-    return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)  # (…, H/2, W/2)
+    """¼ × the sum of each 2×2 window, as two halvings: rows first (contiguous strides), then columns.
+    ``lerp(a, b, ½)`` = ½ (a + b) in one pass, so two operations in all."""
+    rows = torch.lerp(x[..., 0::2, :], x[..., 1::2, :], 0.5)  # (…, H/2, W): ½ (row 2i + row 2i+1)
+    return torch.lerp(rows[..., 0::2], rows[..., 1::2], 0.5)  # (…, H/2, W/2)
 
 
 def _upsample(g: Tensor) -> Tensor:
-    """¼ U(g): every value repeated over its 2×2 window, times ¼."""
-    g = g * 0.25  # scale the small tensor, not the large one
-    cols = torch.stack((g, g), dim=-1).flatten(-2)  # (…, h, 2w)
-    return torch.stack((cols, cols), dim=-2).flatten(-3, -2)  # (…, 2h, 2w)
+    """¼ U(g): every value repeated over its 2×2 window, times ¼, in one operation (the product of a
+    broadcast view writes a fresh contiguous tensor, which the reshape only views)."""
+    *lead, h, w = g.shape
+    return (g[..., :, None, :, None].expand(*lead, h, 2, w, 2) * 0.25).reshape(*lead, 2 * h, 2 * w)
 
 
 class _AvgPool2x2(torch.autograd.Function):
@@ -132,10 +134,13 @@ class _InstanceNorm(torch.autograd.Function):
         x, weight, _, _ = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for μ and r, whose gradients are never used
         ctx.save_for_backward(x, weight, mean, rstd)
 
     @staticmethod
     def backward(ctx, g, _g_mean, _g_rstd):
+        if g is None:  # y itself did not reach the loss
+            return None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = _InstanceNormBackward.apply(g, x, weight, mean, rstd)
         return dx, dw, db, None
@@ -215,23 +220,27 @@ class _InstanceNormBackward(torch.autograd.Function):
 
         # Reductions of low-precision tensors accumulate in float32 inside torch's CPU kernels; only their
         # (N, C, 1) results are rounded to the low dtype, then computed on in ct. (``sum(dtype=float32)``
-        # would first cast the whole tensor: 20× slower.)
+        # would first cast the whole tensor: 20× slower.) In float32 / float64 a mean is one operation.
         def bar(t):  # mean over the pixels, (N, C, 1)
-            return t.sum(-1, keepdim=True).to(ct) / D
+            return t.sum(-1, keepdim=True).to(ct) / D if low else t.mean(-1, keepdim=True)
 
-        def bar_dot(a, b):  # mean of a product, (N, C, 1), without forming it
-            return torch.linalg.vecdot(a, b)[..., None].to(ct) / D
+        def bar_dot(a, b):  # mean of a product, (N, C, 1)
+            return torch.linalg.vecdot(a, b)[..., None].to(ct) / D if low else (a * b).mean(-1, keepdim=True)
 
+        # The per-(n, c) coefficients, with the sums shared and the signs folded into addcmul's ``value``
+        # (each line below is one or two small operations; on a GPU each is a launch):
         u_, ux_, g_, gx_, ug_ = bar(u), bar_dot(u, x_hat), bar(g), bar_dot(g, x_hat), bar_dot(u, g)
         wr = w * r
-        d_g = torch.addcmul(full(v_b - wr * u_), x_hat, full(v_w - wr * ux_)).addcmul_(u, full(wr))
-        d_w = (r * D * (ug_ - u_ * g_ - ux_ * gx_)).sum(0).flatten()
-        ax_ = w * gx_  # \overline{a x̂}
-        c_u, c_g = -r * ax_, v_w - wr * ux_  # G = c_u u + c_g g
-        G_, Gx_ = c_u * u_ + c_g * g_, c_u * ux_ + c_g * gx_
-        s = D * (w * ug_ - w * g_ * u_ - ax_ * ux_)
-        c_x = -r * Gx_ - s * r * r / D
-        d_x = torch.addcmul(full(-r * G_), x_hat, full(c_x)).addcmul_(u, full(r * c_u)).addcmul_(g, full(r * c_g))
+        c_g = v_w - wr * ux_  # G = c_u u + c_g g with c_u = −r \overline{a x̂} = −a,  a = wr ḡx̂
+        K = torch.addcmul(ug_, u_, g_, value=-1).addcmul_(ux_, gx_, value=-1)  # \overline{ug} − ū ḡ − \overline{ux̂} \overline{gx̂}
+        d_g = torch.addcmul(full(v_b - wr * u_), x_hat, full(c_g)).addcmul_(u, full(wr))
+        d_w = (r * K).sum(0).flatten() * D
+        a = wr * gx_
+        neg_G_ = torch.addcmul(a * u_, c_g, g_, value=-1)  # −Ḡ = a ū − c_g ḡ
+        Gx_ = torch.addcmul(c_g * gx_, a, ux_, value=-1)  # \overline{G x̂}
+        # c_x = −r \overline{G x̂} − s r² / D with s = D w K:  −r (\overline{G x̂} + wr K)
+        d_x = torch.addcmul(full(r * neg_G_), x_hat, full(r * torch.addcmul(Gx_, wr, K)), value=-1)
+        d_x = d_x.addcmul_(u, full(r * a), value=-1).addcmul_(g, full(r * c_g))
         return d_g.view(shape).to(dtypes[0]), d_x.view(shape).to(dtypes[1]), d_w.to(dtypes[2]), None, None
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .augment import DSAParams, dsa
+from .opcount import host
 from .params import ParamSpec
 from .precision import autocast, check_loss_scale, check_precision, upcast
 
@@ -69,11 +70,12 @@ def make_plan(n_syn: int, syn_steps: int, batch_syn: int | None, generator: torc
         raise ValueError(f"batch_syn must be between 1 and the synthetic set size {n_syn}, got {batch_syn}")
     chunks: list[Tensor] = []
     batches = []
-    for _ in range(syn_steps):
-        if not chunks:
-            chunks = list(torch.split(torch.randperm(n_syn, generator=generator), batch_syn))
-        batches.append(chunks.pop())
-    seeds = torch.randint(0, 2**31 - 1, (syn_steps,), generator=generator).tolist()
+    with host():  # drawn on the CPU generator: no device work (mttlite.opcount)
+        for _ in range(syn_steps):
+            if not chunks:
+                chunks = list(torch.split(torch.randperm(n_syn, generator=generator), batch_syn))
+            batches.append(chunks.pop())
+        seeds = torch.randint(0, 2**31 - 1, (syn_steps,), generator=generator).tolist()
     return StepPlan(tuple(batches), tuple(int(s) for s in seeds))
 
 

@@ -87,6 +87,8 @@ modes = ["unroll", "exact"]
 dsa_strategy = "color_crop_cutout_flip_scale_rotate"
 check_steps = 4  # N for the float64 agreement check
 check_width = 8
+fused_width = 128  # section 4: the network of the eager-vs-fused comparison (ConvNet-3 width, IPC 1, 10 images)
+fused_steps = 50  # N of its timed iterations
 seed = 0
 results_path = None
 
@@ -94,8 +96,10 @@ results_path = None
 profile = choose_profile(profile, device)  # mttlite.notebook.PROFILES
 if profile == "cpu":  # the classroom CPU profile: <= 5 min on 2 cores from a cold start, experts included
     width, syn_steps_list = 32, [10, 20, 40]
+    fused_width, fused_steps = 32, 10  # the classroom size
 elif profile == "ci":  # CI size, see notebooks/README.md
     width, ipc, syn_steps_list = 16, 2, [2, 8, 16]
+    fused_width, fused_steps = 4, 2  # the test suite's shapes: its compiled graphs are cached
 
 torch.manual_seed(seed)
 
@@ -368,9 +372,9 @@ for mode in modes:
 #   second-derivative formulas for them are slow on CPU. With these layers the unroll is about 10 % faster.
 # - `mttlite.perf.keep_freed_memory()` stops glibc from handing every large activation back to the
 #   kernel and faulting it in again on the next step: 1.6–1.8× faster on CPU (`mttlite distill` calls it).
-# - `DistillConfig(compile=True)` runs each student step through `torch.compile`
-#   (`mttlite.kernels.StepKernels`): the same gradient with the elementwise work fused; on CPU it
-#   is about as fast as the eager layers above and takes a minute to compile.
+# - `DistillConfig(step="fused")` compiles each student step into one graph (`mttlite.fused`, section 4
+#   below): the same gradient with the elementwise work fused, and on a GPU the $N$ steps replayed as one
+#   CUDA graph.
 #
 # Measure one more point:
 
@@ -387,6 +391,100 @@ display(widgets.interactive(
 ))
 
 # %% [markdown]
+# ## 4. Why a GPU waits on the host: operations per step, eager and fused
+#
+# A GPU runs one *kernel* per operation, and launching one costs the host a few microseconds (Python,
+# PyTorch's dispatcher, the CUDA driver). A kernel over 10 images of 28 × 28 often finishes sooner. So
+# with a few hundred small operations per student step, the device mostly waits for the next launch:
+# the host sets the pace. (Profiled once on an H200: one IPC 1 iteration at $N = 50$ took 612 ms of host
+# time for 62 ms of GPU time.)
+#
+# The **fused step** (`DistillConfig(step="fused")`, `mttlite.fused`) traces one student step — DSA with
+# its random draws as data, the forward, backward and double backward, the updates of $\theta$, $\lambda$,
+# $\partial\mathcal{L}/\partial x$ — and compiles it with `torch.compile` into a few fused kernels, the
+# same gradient up to float rounding. On CUDA the $N$ steps of an iteration are then recorded once as a
+# **CUDA graph** and replayed with a single launch. Below: the operations one student step issues
+# (`mttlite.opcount`: an iteration at $N = 4$ minus one at $N = 2$, halved, so the iteration's fixed work
+# drops out) and the time of one meta-gradient, eager and fused, side by side. The first fused call
+# compiles (about a minute on 2 CPU cores; timed apart).
+
+# %%
+import time
+
+from mttlite.fused import FusedStep
+from mttlite.opcount import count_ops
+
+gen_f = torch.Generator().manual_seed(seed)
+net_f = get_network("convnet", 1, 10, (28, 28), width=fused_width, generator=gen_f).to(device)
+spec_f = ParamSpec.from_module(net_f)
+th_f = spec_f.flatten(dict(net_f.named_parameters())).detach()
+target_f = th_f + 0.01 * torch.randn(th_f.shape, generator=gen_f).to(device)
+x_f = torch.randn(10, 1, 28, 28, generator=gen_f).to(device)
+y_f = torch.arange(10).to(device)
+alpha_f = torch.tensor(0.01, device=device)
+fused = FusedStep(net_f, spec_f, batch=10, im_size=(28, 28), dsa_strategy=dsa_strategy, device=device)
+
+
+def eager_step(plan):
+    return meta_gradient("exact", net_f, spec_f, th_f, target_f, x_f, y_f, alpha_f, plan, dsa_strategy)
+
+
+def fused_step(plan):
+    return fused.meta_gradient("exact", th_f, target_f, x_f, y_f, alpha_f, plan)
+
+
+t0 = time.perf_counter()
+plan_f = make_plan(10, fused_steps, None, gen_f)
+g_fused = fused_step(plan_f)
+g_fused.loss.item()
+compile_seconds = time.perf_counter() - t0
+# the same gradient (float32 rounding apart) as the eager step's, for the same plan
+g_eager = eager_step(plan_f)
+torch.testing.assert_close(g_fused.images, g_eager.images, rtol=1e-3, atol=1e-4 * float(g_eager.images.abs().max()))
+torch.testing.assert_close(g_fused.syn_lr, g_eager.syn_lr, rtol=1e-3, atol=0.0)
+print(f"compiled the fused step in {compile_seconds:.1f} s; fused and eager agree")
+
+
+def ops_per_step(step):
+    """Operations of one student step: an iteration at N = 4 minus one at N = 2, halved."""
+    c2, c4 = (count_ops(step, make_plan(10, n, None, gen_f))[0].total for n in (2, 4))
+    return (c4 - c2) / 2
+
+
+def seconds_per_iteration(step, repeats=3):
+    """Median seconds of a meta-gradient at N = fused_steps (it ends reading L back: the device is done)."""
+    times = []
+    for _ in range(repeats):
+        plan = make_plan(10, fused_steps, None, gen_f)
+        t0 = time.perf_counter()
+        step(plan).loss.item()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+speed = {name: {"ops": ops_per_step(step), "seconds": seconds_per_iteration(step)}
+         for name, step in (("eager", eager_step), ("fused", fused_step))}
+for name, r in speed.items():
+    print(f"{name:5s}: {r['ops']:5.0f} operations per student step, {r['seconds']:.3f} s per iteration (N = {fused_steps})")
+print(f"fused: {speed['eager']['ops'] / speed['fused']['ops']:.1f}× fewer operations, "
+      f"{speed['eager']['seconds'] / speed['fused']['seconds']:.1f}× faster per iteration on {device}")
+
+# %%
+fig = make_subplots(rows=1, cols=2, subplot_titles=("operations per student step", f"seconds per iteration (N = {fused_steps})"))
+for col, key in ((1, "ops"), (2, "seconds")):
+    fig.add_bar(x=list(speed), y=[speed[k][key] for k in speed], marker_color=["#d62728", "#1f77b4"], showlegend=False,
+                row=1, col=col)
+fig.update_layout(title=f"exact meta-gradient, ConvNet-3 width {fused_width}, 10 images, {device}", height=380)
+fig.show()
+
+# %% [markdown]
+# On a CPU the fused step gains by doing less work per operation (fused loops instead of dozens of
+# passes over each activation, the first convolution as one matrix product). On a GPU it gains by
+# *launching* less: the replayed CUDA graph is one launch per iteration, so the device no longer waits
+# for the host. `DistillConfig(step="auto")` (the default) picks the fused step on CUDA, and on a CPU
+# only when the run is long enough to pay back the compile (`mttlite distill --help`).
+
+# %% [markdown]
 # ## Takeaway
 #
 # * The meta-gradient runs the chain rule backwards through the $N$ student steps: $\lambda_i = \lambda_{i+1} - \alpha H_i\lambda_{i+1}$,
@@ -394,6 +492,8 @@ display(widgets.interactive(
 # * The naive unroll keeps every step's activations (memory grows with $N$); the adjoint keeps the
 #   $N+1$ parameter vectors and rebuilds one step at a time — the same gradient, for some extra time.
 # * That is why `gradient="exact"` is the default: a run that does not fit in memory is worth nothing.
+* Speed on small sets is about operations, not arithmetic: the fused step compiles each student step into
+  a few kernels, and on a GPU replays the $N$ steps as one CUDA graph.
 
 # %%
 results = {
@@ -403,6 +503,8 @@ results = {
     "slope_mb": {m: slope(m, "mb") for m in modes},
     "slope_seconds": {m: slope(m, "seconds") for m in modes},
     "num_params": P,
+    "speed": speed,
+    "compile_seconds": compile_seconds,
 }
 print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1))
 if results_path:

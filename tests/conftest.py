@@ -72,3 +72,14 @@ def no_tf32(device):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module: tiny convolutions run fastest so on a shared 2-core machine,
+    and kernels compiled by torch.compile (which bakes the thread count in) match the suite's other
+    one-thread runs, so its on-disk graph cache serves them. Use with ``pytest.mark.usefixtures``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -62,6 +62,32 @@ def test_meta_gradient_runs_on_a_device_without_host_syncs(mode, dsa, soft):
         _assert_meta(mg.labels, y.shape)
 
 
+@pytest.mark.parametrize("mode", ["unroll", "exact"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft-labels"])
+def test_fused_step_runs_on_a_device_without_host_syncs(mode, soft):
+    """The fused step's functions (uncompiled: inductor has no meta backend) with ω, the batches' indices and
+    weights, a prune mask and ATT's n* all on the device: the plan's data crosses once, nothing comes back,
+    and no CPU tensor meets a device one inside the N steps."""
+    from mttlite.fused import FusedStep
+
+    net, spec, ts, tt, x, y = _problem(soft=soft)
+    if soft:
+        y = y.requires_grad_(True)
+    plan = make_plan(x.shape[0], 4, 4, torch.Generator().manual_seed(0))  # a ragged last batch: padded
+    fs = FusedStep(net, spec, batch=4, im_size=(8, 8), dsa_strategy=DSA_STRATEGY, device=META, compile=False)
+    mask = torch.ones(spec.num_params, dtype=torch.bool, device=META)
+    with DeviceGuard(META) as guard:
+        mg = fs.meta_gradient(mode, ts, tt, x, y, torch.empty((), device=META), plan, auto_steps=True, mask=mask)
+    assert guard.ops > 100
+    _assert_meta(mg.loss, ())
+    _assert_meta(mg.images, x.shape)
+    _assert_meta(mg.syn_lr, ())
+    _assert_meta(mg.student_losses, (4,))
+    _assert_meta(mg.steps, ())
+    if soft:
+        _assert_meta(mg.labels, y.shape)
+
+
 def test_unroll_runs_on_a_device_and_returns_its_losses_as_one_tensor():
     net, spec, ts, _, x, y = _problem()
     plan = make_plan(x.shape[0], 3, None, torch.Generator().manual_seed(1))

@@ -368,8 +368,14 @@ def test_06_long_vs_short_range(kernel, buffer_root, tmp_path):
 
 
 def test_07_memory_and_speed(kernel, tmp_path):
-    r = execute("07_memory_and_speed", tmp_path, kernel, None, width=16, ipc=2, syn_steps_list=[2, 8, 16])
+    r = execute("07_memory_and_speed", tmp_path, kernel, None, width=16, ipc=2, syn_steps_list=[2, 8, 16],
+                fused_width=4, fused_steps=2)
     assert r["rel_err_images"] < 1e-6 and r["rel_err_alpha"] < 1e-6
+    # section 4: the fused step issues a fraction of the eager step's operations (it also checked, in the
+    # notebook, that both give the same meta-gradient) and its compile was timed apart
+    speed = r["speed"]
+    assert 0 < speed["fused"]["ops"] < speed["eager"]["ops"] / 2, speed
+    assert speed["fused"]["seconds"] > 0 and r["compile_seconds"] > 0
     rows = {(x["mode"], x["N"]): x for x in r["rows"]}
     assert len(rows) == 6
     # the unroll keeps every step's activations: its memory grows with N, the adjoint's hardly
